@@ -1,0 +1,5 @@
+"""`python -m entclip` and `accelerate launch -m entclip ...`."""
+
+from entclip.cli import main
+
+main()

@@ -1,0 +1,155 @@
+"""The Typer app: parse options, resolve the config, call one function.
+
+Domain code raises EntclipError; only this module turns it into one red line and an exit code
+(2 = bad input, 1 = the run failed). Heavy imports (torch, transformers) happen inside commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from entclip.errors import EntclipError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="GRPO with entropy-discriminator clipping (arXiv 2602.03392) and entropy instruments.")
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """EntclipError -> one line and its exit code; anything else -> one line and exit 1."""
+    try:
+        yield
+    except EntclipError as exc:
+        if debug:
+            raise
+        _stderr().print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug or an environment failure: still one line unless --debug
+        if debug:
+            raise
+        _stderr().print(f"[red]error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the "
+                        "traceback)", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _run_path(cfg) -> Path:
+    name = cfg.name or f"{cfg.entropy_control}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.out_dir) / name
+
+
+def _plan(cfg, path: Path) -> str:
+    updates = cfg.epochs * cfg.minibatches
+    filt = cfg.entropy_control
+    if filt != "none":
+        filt += f" (rule={cfg.filter_rule}, mu={cfg.filter_mu}"
+        filt += f", max_frac={cfg.clip_v_max_frac})" if cfg.entropy_control == "clip_v" else ")"
+    return "\n".join([
+        f"run directory : {path}",
+        f"task          : {cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)",
+        f"model         : {cfg.model} (hidden {cfg.tiny_hidden}, {cfg.tiny_layers} layers), supervised "
+        f"warm start to {cfg.warmup_target_acc:.0%} greedy accuracy (cached)",
+        f"steps         : {cfg.steps} x {cfg.prompts_per_step} prompts x {cfg.group_size} samples "
+        f"= {cfg.batch_size} sequences/step; {updates} update(s)/step of {cfg.minibatch_size}, "
+        f"{cfg.steps * updates} updates in all",
+        f"objective     : clipped surrogate eps {cfg.eps_low}/{cfg.eps_high}, {cfg.loss_agg}, "
+        f"kl_coef {cfg.kl_coef}, lr {cfg.lr} ({cfg.lr_schedule})",
+        f"token filter  : {filt}",
+        f"evaluation    : every {cfg.eval_every or cfg.steps} steps on {cfg.eval_n} held-out problems, "
+        f"greedy + avg@{cfg.eval_k}/pass@k at T={cfg.eval_temperature}",
+    ])
+
+
+@app.command()
+def train(
+    preset: Optional[str] = typer.Option(None, help="shipped preset name or a YAML path"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config file (over the preset)"),
+    set_: list[str] = typer.Option([], "--set", help="key=value override, repeatable (highest precedence)"),
+    steps: Optional[int] = typer.Option(None, help="training steps"),
+    seed: Optional[int] = typer.Option(None, help="the run's seed"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    group_size: Optional[int] = typer.Option(None, help="samples per prompt (G)"),
+    entropy_control: Optional[str] = typer.Option(None, help="none | clip_b | clip_v"),
+    out_dir: Optional[str] = typer.Option(None, help="parent folder of run directories"),
+    name: Optional[str] = typer.Option(None, help="run directory name"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
+    overwrite: bool = typer.Option(False, help="replace an existing run directory of the same name"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the run directory at the end"),
+    help_config: bool = typer.Option(False, "--help-config", help="list every config key and exit"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Run GRPO (default: the embedded tiny task on CPU, offline, in minutes)."""
+    with _user_errors(debug):
+        from entclip.config import describe_fields, resolve
+
+        if help_config:
+            for key, default, text in describe_fields():
+                typer.echo(f"{key} = {default}\n    {text}")
+            return
+        flags = dict(steps=steps, seed=seed, lr=lr, group_size=group_size,
+                     entropy_control=entropy_control, out_dir=out_dir, name=name)
+        cfg = resolve(preset=preset, config_file=config, flags=flags, sets=set_)
+        path = _run_path(cfg)
+        if dry_run:
+            typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + _plan(cfg, path))
+            return
+        from entclip.console import Progress
+        from entclip.engine import train as run_train
+        from entclip.rundir import RunDir
+
+        run = RunDir.create(path, overwrite=overwrite)
+        run.write_config(cfg.to_yaml())
+        with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
+            summary = run_train(cfg, run, log=progress.log, on_step=progress.step)
+        if quiet:
+            typer.echo(str(path))
+        else:
+            f = summary["final"]
+            ev = summary["eval_last"]
+            typer.echo(f"done in {summary['wall_s']:.1f} s: entropy {summary['entropy']['first']:.3f} -> "
+                       f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, held-out greedy "
+                       f"accuracy {summary['eval_first']['test/greedy_acc']:.3f} -> {ev['test/greedy_acc']:.3f}, "
+                       f"filter share {f['clip/filter_frac']:.4f}")
+            typer.echo(f"run directory: {path}  (entclip analyze {path})")
+
+
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `entclip train`"),
+    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Summarize a run: entropy, reward and accuracy trajectory, clip and filter shares, evaluation."""
+    with _user_errors(debug):
+        from entclip.report import render, summarize
+        from entclip.rundir import load_run
+
+        summary = summarize(load_run(run_dir))
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            from rich.console import Console
+
+            render(summary, Console())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

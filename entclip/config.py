@@ -1,0 +1,293 @@
+"""One typed, frozen config; presets; overrides; validation with messages that name the fix.
+
+Precedence: defaults < preset (shipped name or YAML path) < --config FILE < flags and --set.
+Every field is documented once, in its `help`; `entclip train --help-config` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from entclip.errors import EntclipError
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # ---- run (plumbing) -------------------------------------------------------------------
+    out_dir: str = _f("runs", "parent folder of run directories")
+    name: str | None = _f(None, "run directory name under out_dir (default: <method>-s<seed>-<time>)")
+    seed: int = _f(0, "the one seed: sampling, data order and init all derive from it")
+    threads: int = _f(1, "torch intra-op threads (0 = torch's default); 1 is fastest for tiny models")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train; auto lets accelerate choose")
+    steps: int = _f(200, "training steps (one rollout batch and its optimizer updates each)")
+    log_every: int = _f(10, "console line / progress refresh cadence in steps")
+    eval_every: int = _f(50, "held-out evaluation cadence in steps (0 = only at the end)")
+    save_every: int = _f(0, "checkpoint cadence in steps (0 = only the final checkpoint)")
+    samples_per_step: int = _f(2, "rollouts per step written to samples.jsonl")
+    # ---- task and model -------------------------------------------------------------------
+    task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task")
+    max_operand: int = _f(99, "arithmetic: operands are drawn from 0..max_operand")
+    n_test: int = _f(500, "arithmetic: problems held out for evaluation")
+    model: Literal["tiny"] = _f("tiny", "policy model; 'tiny' = the built-in Qwen2-style model")
+    tiny_hidden: int = _f(128, "tiny model: hidden size")
+    tiny_layers: int = _f(4, "tiny model: transformer layers")
+    tiny_heads: int = _f(4, "tiny model: attention heads")
+    tiny_ffn: int = _f(512, "tiny model: MLP width")
+    warmup_lr: float = _f(3e-3, "supervised warm start: AdamW learning rate")
+    warmup_max_steps: int = _f(1500, "supervised warm start: step budget")
+    warmup_target_acc: float = _f(0.5, "supervised warm start stops at this greedy train accuracy")
+    cache_dir: str | None = _f(None, "warm-start cache (default: $ENTCLIP_CACHE or ~/.cache/entclip)")
+    # ---- GRPO (algorithm) -----------------------------------------------------------------
+    prompts_per_step: int = _f(8, "prompts per rollout batch (per process)")
+    group_size: int = _f(8, "G: completions sampled per prompt")
+    max_new_tokens: int = _f(6, "completion length limit in tokens")
+    temperature: float = _f(1.0, "rollout temperature; all token statistics use the same T")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "decay after warm-up")
+    lr_warmup_steps: int = _f(0, "linear learning-rate warm-up in optimizer steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping by global norm (0 = off)")
+    epochs: int = _f(1, "passes over each rollout batch")
+    minibatches: int = _f(2, "optimizer updates per epoch (the rollout batch is split evenly)")
+    eps_low: float = _f(0.2, "PPO ratio clip below: r >= 1 - eps_low")
+    eps_high: float = _f(0.2, "PPO ratio clip above: r <= 1 + eps_high (0.28 = DAPO clip-higher)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "constant"] = _f(
+        "token-mean", "loss aggregation; 'constant' divides by (sequences x loss_agg_constant), Dr. GRPO"
+    )
+    loss_agg_constant: int | None = _f(None, "the 'constant' aggregation's length (default max_new_tokens)")
+    scale_std: bool = _f(True, "divide group-centred rewards by the group std (False = Dr. GRPO)")
+    kl_coef: float = _f(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
+    # ---- entropy control ------------------------------------------------------------------
+    entropy_control: Literal["none", "clip_b", "clip_v"] = _f(
+        "none", "token filter: Clip_B or Clip_V of arXiv 2602.03392, or none"
+    )
+    filter_rule: Literal["released", "paper"] = _f(
+        "released", "released = one-sided on negative advantages; paper = two-sided band"
+    )
+    clip_b_mu: float = _f(2.5, "Clip_B threshold in batch standard deviations (released default 2.5)")
+    clip_v_mu: float = _f(8.5, "Clip_V threshold in standard deviations (released default 8.5)")
+    clip_v_max_frac: float | None = _f(1e-4, "Clip_V released rule: cap on the dropped share (null = no cap)")
+    filter_mu_low: float | None = _f(None, "paper rule: lower band width (default: the method's mu)")
+    filter_mu_high: float | None = _f(None, "paper rule: upper band width (default: the method's mu)")
+    # ---- evaluation -----------------------------------------------------------------------
+    eval_n: int = _f(200, "held-out problems per evaluation")
+    eval_k: int = _f(8, "samples per problem for avg@k and pass@k")
+    eval_temperature: float = _f(1.0, "sampling temperature for avg@k / pass@k")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived values (properties, never fields) ----------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Sequences per rollout batch (per process)."""
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.minibatches
+
+    @property
+    def agg_constant(self) -> int:
+        return self.loss_agg_constant or self.max_new_tokens
+
+    @property
+    def filter_mu(self) -> float:
+        return self.clip_v_mu if self.entropy_control == "clip_v" else self.clip_b_mu
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise EntclipError(message)
+
+
+def _validate(c: Config) -> None:
+    positive = ["steps", "log_every", "samples_per_step", "max_operand", "n_test", "tiny_hidden",
+                "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_max_steps", "prompts_per_step",
+                "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k"]
+    for name in positive:
+        value = getattr(c, name)
+        _need(value >= 1, f"{name}={value}: must be at least 1; set --set {name}={FIELDS[name].default}")
+    for name in ["threads", "eval_every", "save_every", "lr_warmup_steps", "weight_decay",
+                 "max_grad_norm", "kl_coef", "eps_high"]:
+        value = getattr(c, name)
+        _need(value >= 0, f"{name}={value}: must not be negative; set --set {name}={FIELDS[name].default}")
+    for name in ["lr", "warmup_lr", "temperature", "eval_temperature", "clip_b_mu", "clip_v_mu"]:
+        value = getattr(c, name)
+        _need(value > 0, f"{name}={value}: must be positive; set --set {name}={FIELDS[name].default}")
+    _need(c.group_size >= 2, f"group_size={c.group_size}: GRPO needs at least 2 samples per prompt; "
+          "set --set group_size=8")
+    _need(0 <= c.eps_low < 1, f"eps_low={c.eps_low}: must be in [0, 1); set --set eps_low=0.2")
+    _need(0 < c.warmup_target_acc <= 1, f"warmup_target_acc={c.warmup_target_acc}: must be in (0, 1]; "
+          "set --set warmup_target_acc=0.5")
+    _need(c.batch_size % c.minibatches == 0,
+          f"minibatches={c.minibatches} does not divide the rollout batch of "
+          f"{c.prompts_per_step}x{c.group_size}={c.batch_size} sequences; pick a divisor, "
+          "e.g. --set minibatches=1")
+    _need(c.tiny_hidden % c.tiny_heads == 0,
+          f"tiny_hidden={c.tiny_hidden} is not divisible by tiny_heads={c.tiny_heads}; "
+          "set --set tiny_heads=4")
+    _need(c.clip_v_max_frac is None or 0 < c.clip_v_max_frac <= 1,
+          f"clip_v_max_frac={c.clip_v_max_frac}: must be in (0, 1] or null; set --set clip_v_max_frac=1e-4")
+    for name in ["filter_mu_low", "filter_mu_high"]:
+        value = getattr(c, name)
+        _need(value is None or value > 0, f"{name}={value}: must be positive or null")
+    _need(c.filter_rule == "paper" or (c.filter_mu_low is None and c.filter_mu_high is None),
+          "filter_mu_low/filter_mu_high set a two-sided band, which only the paper rule has; "
+          "add --set filter_rule=paper or drop them")
+    _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
+          f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
+
+
+# ---- parsing values ----------------------------------------------------------------------
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise a message naming the fix."""
+    hint = typing.get_type_hints(Config)[name]
+    default = FIELDS[name].default
+    args = typing.get_args(hint)
+    optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    bad = f"{name}={value!r}: expected {_type_name(hint)}; e.g. --set {name}={default}"
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise EntclipError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise EntclipError(bad)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise EntclipError(bad)
+        try:
+            return int(value)
+        except ValueError:
+            raise EntclipError(bad) from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise EntclipError(bad)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise EntclipError(bad) from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise EntclipError(bad)
+        return str(value)
+    raise AssertionError(f"unhandled type {hint} for {name}")
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def _check_keys(data: dict[str, Any], source: str) -> None:
+    for key in data:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; see `entclip train --help-config`"
+            raise EntclipError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict[str, Any]:
+    _check_keys(layer, source)
+    return {**base, **{k: _coerce(k, v) for k, v in layer.items()}}
+
+
+# ---- sources -----------------------------------------------------------------------------
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("entclip.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EntclipError(f"cannot read {what} {path}: {exc.strerror}; check the path") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise EntclipError(f"{what} {path} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EntclipError(f"{what} {path} must be a mapping of key: value lines")
+    return data
+
+
+def load_preset(preset: str) -> dict[str, Any]:
+    """A shipped preset by name, or a YAML file by path."""
+    if preset.endswith((".yaml", ".yml")) or "/" in preset:
+        return _read_yaml(Path(preset), "preset")
+    if preset not in preset_names():
+        close = difflib.get_close_matches(preset, preset_names(), n=3)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise EntclipError(f"unknown preset {preset!r}: {hint}choose from {', '.join(preset_names())} "
+                           "or give a YAML path")
+    text = resources.files("entclip.presets").joinpath(f"{preset}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise EntclipError(f"--set {item!r}: expected key=value, e.g. --set group_size=8")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def resolve(preset: str | None = None, config_file: str | None = None,
+            flags: dict[str, Any] | None = None, sets: list[str] | None = None) -> Config:
+    """Build the config: defaults < preset < config file < flags < --set."""
+    data: dict[str, Any] = {}
+    if preset:
+        data = _merge(data, load_preset(preset), f"preset {preset}")
+    if config_file:
+        data = _merge(data, _read_yaml(Path(config_file), "config file"), f"config file {config_file}")
+    data = _merge(data, {k: v for k, v in (flags or {}).items() if v is not None}, "flags")
+    data = _merge(data, parse_sets(sets or []), "--set")
+    return Config(**data)
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(name, default, help) for every field, in declaration order."""
+    return [(f.name, repr(f.default), f.metadata["help"]) for f in dataclasses.fields(Config)]

@@ -1,0 +1,349 @@
+"""The only stateful loop: rollout -> reward -> advantages -> token filter -> updates -> log.
+
+One training step = one rollout batch (prompts_per_step x group_size sequences per process) and its
+`epochs x minibatches` optimizer updates. Everything computed once per rollout batch - old
+log-probs, token statistics, the filter's keep-mask - is taken before the first update.
+accelerate owns the device, the wrapped model/optimizer and the backward pass.
+
+Deliberate simplifications (stated, not hidden): no gradient accumulation (one backward per
+optimizer update); the learning-rate schedule is stepped by us per optimizer update, per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from entclip import losses, theory
+from entclip.config import Config
+from entclip.errors import EntclipError
+from entclip.rollout import Rollout, completion_logits, sample
+from entclip.rundir import RunDir, write_json_atomic
+
+Log = Callable[[str], None]
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 62-bit seed from (seed, step, purpose...): per-step randomness that resume can redo."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
+@dataclass
+class BatchStats:
+    """Per-token quantities of one rollout batch, taken before the first update. All (B, T)."""
+
+    old_logp: torch.Tensor
+    entropy: torch.Tensor
+    disc: torch.Tensor
+    baseline: torch.Tensor
+    ref_logp: torch.Tensor | None
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.cache_dir or os.environ.get("ENTCLIP_CACHE") or Path.home() / ".cache" / "entclip"
+    return Path(root)
+
+
+def load_policy(cfg: Config, log: Log):
+    """The embedded default: the tiny model after its (cached) supervised warm start."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entclip.tasks.tiny import WarmStartSpec, warm_start
+
+    heads = cfg.tiny_heads
+    spec = WarmStartSpec(max_operand=cfg.max_operand, n_test=cfg.n_test, hidden=cfg.tiny_hidden,
+                         layers=cfg.tiny_layers, heads=heads, kv_heads=heads // 2 if heads % 2 == 0 else heads,
+                         ffn=cfg.tiny_ffn, lr=cfg.warmup_lr, max_steps=cfg.warmup_max_steps,
+                         target_acc=cfg.warmup_target_acc, seed=cfg.seed)
+    ws = warm_start(spec, cache_root(cfg) / "warmstart", log=log)
+    log(f"warm start: {'cached' if ws.cached else 'trained'} {ws.path} "
+        f"(greedy train accuracy {ws.accuracy:.2f} after {ws.steps} steps)")
+    model = AutoModelForCausalLM.from_pretrained(ws.path)
+    tokenizer = AutoTokenizer.from_pretrained(ws.path)
+    return model, tokenizer, {"path": str(ws.path), "accuracy": ws.accuracy, "steps": ws.steps,
+                              "seconds": ws.seconds, "cached": ws.cached}
+
+
+def _gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) per process -> (N*B, T) for the whole batch; identity on one process."""
+    if accelerator.num_processes == 1:
+        return x
+    x = accelerator.pad_across_processes(x, dim=1, pad_index=0)
+    return accelerator.gather(x)
+
+
+def token_filter(cfg: Config, accelerator, stats: BatchStats, adv_tok: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Keep-mask (B, T) of the configured filter over the whole training batch, and its stats."""
+    g = lambda t: _gather_rows(accelerator, t)  # noqa: E731
+    disc, base, adv, gmask = g(stats.disc), g(stats.baseline), g(adv_tok), g(mask)
+    z_b = losses.clip_b_z(disc, gmask)
+    z_v = losses.clip_v_z(disc, base, gmask)
+    valid = gmask.bool()
+    out = {"disc/min_z_b": float(z_b[valid].min()) if valid.any() else 0.0,
+           "disc/min_z_v": float(z_v[valid].min()) if valid.any() else 0.0}
+    kw = dict(rule=cfg.filter_rule, mu_low=cfg.filter_mu_low, mu_high=cfg.filter_mu_high)
+    if cfg.entropy_control == "clip_b":
+        keep = losses.clip_b_mask(disc, adv, gmask, mu=cfg.clip_b_mu, **kw)
+    elif cfg.entropy_control == "clip_v":
+        keep = losses.clip_v_mask(disc, base, adv, gmask, mu=cfg.clip_v_mu,
+                                  max_frac=cfg.clip_v_max_frac, **kw)
+    else:
+        keep = valid
+    shares = losses.filter_shares(keep, gmask, adv)
+    out.update({"clip/filter_frac": shares["frac"], "clip/filter_frac_pos": shares["frac_pos"],
+                "clip/filter_frac_neg": shares["frac_neg"]})
+    rank, B = accelerator.process_index, mask.shape[0]
+    keep = keep[rank * B:(rank + 1) * B, :mask.shape[1]]
+    return keep, out
+
+
+class Trainer:
+    """Holds the objects of one run; `run()` is the loop. Built by `train()`."""
+
+    def __init__(self, cfg: Config, run: RunDir, log: Log, on_step: OnStep):
+        from accelerate import Accelerator
+
+        from entclip.tasks.arithmetic import ArithmeticTask
+
+        self.cfg, self.run_dir, self.log, self.on_step = cfg, run, log, on_step
+        _quiet_libraries()
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise EntclipError("device=cuda but no CUDA device is visible; use --set device=cpu or auto")
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+        model, self.tokenizer, self.warm_start = load_policy(cfg, log)
+        self.ref = None
+        if cfg.kl_coef > 0:
+            self.ref = load_policy(cfg, lambda s: None)[0].to(self.accelerator.device).eval()
+            self.ref.requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.opt = self.accelerator.prepare(model, opt)
+        total = cfg.steps * cfg.epochs * cfg.minibatches
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
+
+    @property
+    def policy(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---- one step ----------------------------------------------------------------------
+    def rollout(self, step: int) -> tuple[Rollout, torch.Tensor, list[bool]]:
+        cfg = self.cfg
+        rank = self.accelerator.process_index
+        rng = random.Random(derive_seed(cfg.seed, "prompts", step, rank))
+        problems = rng.sample(self.task.train, cfg.prompts_per_step)
+        torch.manual_seed(derive_seed(cfg.seed, "sample", step, rank))
+        self.policy.eval()
+        roll = sample(self.policy, self.tokenizer, [p.prompt for p in problems], cfg.group_size,
+                      cfg.temperature, cfg.max_new_tokens)
+        answers = [p.answer for p in problems for _ in range(cfg.group_size)]
+        correct = [self.task.verify(c, a) for c, a in zip(roll.completions, answers)]
+        rewards = torch.tensor([self.task.reward(c, a) for c, a in zip(roll.completions, answers)])
+        return roll, rewards, correct
+
+    @torch.no_grad()
+    def batch_stats(self, roll: Rollout) -> BatchStats:
+        """Old log-probs and entropy statistics, one forward per minibatch, before any update."""
+        cfg, T = self.cfg, roll.completion_ids.shape[1]
+        parts: list[theory.TokenStats] = []
+        refs: list[torch.Tensor] = []
+        ids, am = roll.input_ids, roll.attention_mask
+        for s in range(0, ids.shape[0], cfg.minibatch_size):
+            rows = slice(s, s + cfg.minibatch_size)
+            logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+            parts.append(theory.token_stats(logits, roll.completion_ids[rows], cfg.temperature))
+            if self.ref is not None:
+                ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
+                refs.append(theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature))
+        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+        return BatchStats(cat("logp"), cat("entropy"), cat("disc"), cat("baseline"),
+                          torch.cat(refs) if refs else None)
+
+    def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
+               loss_mask: torch.Tensor) -> dict[str, float]:
+        """epochs x minibatches optimizer updates; returns update metrics averaged over them."""
+        cfg, T = self.cfg, roll.completion_ids.shape[1]
+        ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step))
+        acc: dict[str, float] = {}
+        n_updates = 0
+        self.model.train()
+        for _ in range(cfg.epochs):
+            order = torch.randperm(ids.shape[0], generator=gen).to(ids.device)
+            for rows in order.split(cfg.minibatch_size):
+                logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+                logp = theory.token_logp(logits, roll.completion_ids[rows], cfg.temperature)
+                surr = losses.clipped_surrogate(logp, stats.old_logp[rows], adv_tok[rows],
+                                                cfg.eps_low, cfg.eps_high)
+                per_token = surr.loss
+                kl = torch.zeros_like(logp)
+                if stats.ref_logp is not None:
+                    kl = losses.kl_k3(logp, stats.ref_logp[rows])
+                    per_token = per_token + cfg.kl_coef * kl
+                m = loss_mask[rows]
+                loss = losses.aggregate(per_token, m, cfg.loss_agg, cfg.agg_constant)
+                self.accelerator.backward(loss)
+                clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+                valid = mask[rows].bool()
+                n_valid = max(int(valid.sum()), 1)
+                row = {"loss/total": loss.item(),
+                       "loss/policy": losses.aggregate(surr.loss.detach(), m, cfg.loss_agg, cfg.agg_constant).item(),
+                       "kl/ref": float((kl.detach() * valid).sum()) / n_valid,
+                       "clip/ratio_low_frac": float((surr.clipped_low & valid).sum()) / n_valid,
+                       "clip/ratio_high_frac": float((surr.clipped_high & valid).sum()) / n_valid,
+                       "grad/norm": float(grad_norm)}
+                for k, v in row.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                n_updates += 1
+        out = {k: v / n_updates for k, v in acc.items()}
+        out["train/updates"] = n_updates
+        out["lr"] = self.sched.get_last_lr()[0]
+        return out
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        roll, rewards, correct = self.rollout(step)
+        t_roll = time.perf_counter() - t0
+        device = roll.completion_ids.device
+        adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(device)  # (B,)
+        mask = roll.completion_mask  # (B, T)
+        adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
+        stats = self.batch_stats(roll)
+        keep, filt = token_filter(cfg, self.accelerator, stats, adv_tok, mask)
+        # A filtered token leaves the loss entirely: its term and its share of the normalizer.
+        loss_mask = mask * keep
+        upd = self.update(step, roll, stats, adv_tok, loss_mask)
+        elapsed = time.perf_counter() - t0
+        metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd,
+                   "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
+                   "perf/tokens_per_s": roll.n_tokens / max(elapsed, 1e-9)}
+        if self.accelerator.is_main_process:
+            self.run_dir.append("metrics.jsonl", metrics)
+            for i in range(min(cfg.samples_per_step, len(roll.prompts))):
+                self.run_dir.append("samples.jsonl", {
+                    "step": step, "prompt": roll.prompts[i], "completion": roll.completions[i],
+                    "reward": float(rewards[i]), "advantage": float(adv[i])})
+        return metrics
+
+    # ---- evaluation and checkpoints ----------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, float]:
+        from entclip.evaluation import evaluate
+
+        cfg = self.cfg
+        torch.manual_seed(derive_seed(cfg.seed, "eval", step))
+        self.policy.eval()
+        res = evaluate(self.policy, self.tokenizer, self.task.test[:cfg.eval_n], self.task.verify,
+                       cfg.eval_k, cfg.eval_temperature, cfg.max_new_tokens)
+        row = {"step": step, **{f"test/{k}": v for k, v in res.items()}}
+        if self.accelerator.is_main_process:
+            self.run_dir.append("eval.jsonl", row)
+        return row
+
+    def save(self, step: int) -> Path:
+        """save_pretrained (safetensors) + tokenizer + trainer_state.pt, renamed into place."""
+        final = self.run_dir.checkpoint_dir(step)
+        if self.accelerator.is_main_process:
+            tmp = final.with_name(f".{final.name}.tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            self.policy.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict()}, tmp / "trainer_state.pt")
+            write_json_atomic(tmp / "entclip_checkpoint.json", {"step": step, "format": 1})
+            os.replace(tmp, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _quiet_libraries() -> None:
+    """Our console reports progress; the libraries' own bars and notices would interleave with it."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _lr_factor(cfg: Config, i: int, total: int) -> float:
+    if i < cfg.lr_warmup_steps:
+        return (i + 1) / cfg.lr_warmup_steps
+    frac = (i - cfg.lr_warmup_steps) / max(total - cfg.lr_warmup_steps, 1)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - frac)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    return 1.0
+
+
+def _rollout_metrics(cfg: Config, rewards: torch.Tensor, correct: list[bool], stats: BatchStats,
+                     mask: torch.Tensor) -> dict[str, float]:
+    valid = mask.bool()
+    dev = (stats.disc - stats.baseline)[valid]
+    groups = rewards.view(-1, cfg.group_size)
+    lengths = mask.sum(dim=1).float()
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/accuracy": sum(correct) / len(correct),
+            "reward/zero_var_frac": float((groups.std(dim=1) < 1e-8).float().mean()),
+            "entropy/mean": float(stats.entropy[valid].mean()),
+            "disc/mean": float(stats.disc[valid].mean()), "disc/std": float(stats.disc[valid].std(correction=0)),
+            "disc/baseline_mean": float(stats.baseline[valid].mean()),
+            "disc/dev_mean": float(dev.mean()), "disc/dev_std": float(dev.std(correction=0)),
+            "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
+
+
+def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None) -> dict[str, Any]:
+    """Run GRPO per `cfg` into `run`; return the summary (also written to summary.json)."""
+    import accelerate
+    import transformers
+
+    from entclip import __version__
+
+    t_start = time.perf_counter()
+    trainer = Trainer(cfg, run, log, on_step)
+    first = trainer.evaluate(0)
+    metrics: dict[str, float] = {}
+    entropies: list[float] = []
+    last_eval = first
+    for step in range(1, cfg.steps + 1):
+        metrics = trainer.step(step)
+        entropies.append(metrics["entropy/mean"])
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            last_eval = trainer.evaluate(step)
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            trainer.save(step)
+        on_step(step, metrics)
+    last_eval = trainer.evaluate(cfg.steps)
+    ckpt = trainer.save(cfg.steps)
+    keys = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
+            "disc/min_z_v"]
+    summary = {
+        "status": "completed", "steps": cfg.steps, "wall_s": time.perf_counter() - t_start,
+        "method": cfg.entropy_control, "warm_start": trainer.warm_start,
+        "final": {k: metrics.get(k) for k in keys},
+        "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)},
+        "eval_first": first, "eval_last": last_eval, "checkpoint": str(ckpt.relative_to(run.path)),
+        "versions": {"entclip": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+    }
+    if trainer.accelerator.is_main_process:
+        run.write_summary(summary)
+    run.close()
+    return summary

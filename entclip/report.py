@@ -1,0 +1,120 @@
+"""analyze: pure summaries of a loaded run -> a dict (for --json) and rich tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from entclip.rundir import LoadedRun
+
+
+def _col(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _edge_means(series: list[tuple[int, float]], frac: float = 0.1) -> tuple[float | None, float | None]:
+    """Means of the first and last `frac` of a series (at least one point): noise-robust start/end."""
+    if not series:
+        return None, None
+    n = max(1, int(len(series) * frac))
+    return _mean([v for _, v in series[:n]]), _mean([v for _, v in series[-n:]])
+
+
+def summarize(run: LoadedRun, points: int = 6) -> dict[str, Any]:
+    """Everything `entclip analyze` shows, as plain data. Tolerates missing keys."""
+    m = run.metrics
+    out: dict[str, Any] = {
+        "run": str(run.path), "method": run.config.get("entropy_control", "none"),
+        "steps_logged": len(m), "steps_planned": run.config.get("steps"),
+        "status": (run.summary or {}).get("status", "incomplete"),
+        "wall_s": (run.summary or {}).get("wall_s"), "warnings": run.warnings,
+    }
+    ent = _col(m, "entropy/mean")
+    if ent:
+        step_min, v_min = min(ent, key=lambda sv: sv[1])
+        out["entropy"] = {"first": ent[0][1], "last": ent[-1][1], "min": v_min, "min_step": step_min,
+                          "start_mean": _edge_means(ent)[0], "end_mean": _edge_means(ent)[1]}
+    for key, name in [("reward/mean", "reward"), ("reward/accuracy", "accuracy")]:
+        start, end = _edge_means(_col(m, key))
+        if start is not None:
+            out[name] = {"start_mean": start, "end_mean": end}
+    shares = {}
+    for key in ["clip/ratio_low_frac", "clip/ratio_high_frac", "clip/filter_frac",
+                "clip/filter_frac_pos", "clip/filter_frac_neg", "reward/zero_var_frac"]:
+        vals = [v for _, v in _col(m, key)]
+        if vals:
+            shares[key] = _mean(vals)
+    out["shares_mean"] = shares
+    for key in ["disc/min_z_b", "disc/min_z_v"]:
+        vals = [v for _, v in _col(m, key)]
+        if vals:
+            out.setdefault("min_z", {})[key] = min(vals)
+    step_s = [v for _, v in _col(m, "perf/step_s")]
+    if step_s:
+        out["perf"] = {"step_s_mean": _mean(step_s)}
+    if m:  # an evenly spaced trajectory, first and last step included
+        idx = sorted({round(i * (len(m) - 1) / max(points - 1, 1)) for i in range(points)})
+        cols = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac"]
+        out["trajectory"] = [{"step": m[i].get("step"), **{c: m[i].get(c) for c in cols}} for i in idx]
+    if run.evals:
+        out["eval"] = {"first": run.evals[0], "last": run.evals[-1]}
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def render(summary: dict[str, Any], console) -> None:
+    """Print the analysis as rich tables."""
+    from rich.table import Table
+
+    head = Table(title=f"entclip run {summary['run']}", show_header=False)
+    head.add_column("what", style="bold")
+    head.add_column("value")
+    head.add_row("method", summary["method"])
+    head.add_row("status", f"{summary['status']} ({summary['steps_logged']}/{_fmt(summary['steps_planned'])} steps)")
+    if summary.get("wall_s") is not None:
+        head.add_row("wall time", f"{summary['wall_s']:.1f} s")
+    if "perf" in summary:
+        head.add_row("step time (mean)", f"{summary['perf']['step_s_mean']:.3f} s")
+    if "entropy" in summary:
+        e = summary["entropy"]
+        head.add_row("entropy first / last / min", f"{e['first']:.4f} / {e['last']:.4f} / {e['min']:.4f} "
+                     f"(min at step {e['min_step']})")
+    for name in ["reward", "accuracy"]:
+        if name in summary:
+            s = summary[name]
+            head.add_row(f"{name} (first -> last 10%)", f"{s['start_mean']:.4f} -> {s['end_mean']:.4f}")
+    for key, v in summary.get("shares_mean", {}).items():
+        head.add_row(f"{key} (mean)", f"{v:.4f}")
+    for key, v in summary.get("min_z", {}).items():
+        head.add_row(f"{key} (lowest)", f"{v:.3f}")
+    console.print(head)
+    if summary.get("trajectory"):
+        traj = Table(title="trajectory")
+        cols = list(summary["trajectory"][0].keys())
+        for c in cols:
+            traj.add_column(c, justify="right")
+        for row in summary["trajectory"]:
+            traj.add_row(*[_fmt(row[c]) for c in cols])
+        console.print(traj)
+    if summary.get("eval"):
+        ev = Table(title="held-out evaluation")
+        first, last = summary["eval"]["first"], summary["eval"]["last"]
+        ev.add_column("metric")
+        ev.add_column(f"step {first.get('step')}", justify="right")
+        ev.add_column(f"step {last.get('step')}", justify="right")
+        for key in first:
+            if key != "step":
+                ev.add_row(key, _fmt(first.get(key)), _fmt(last.get(key)))
+        console.print(ev)
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")

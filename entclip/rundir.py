@@ -1,0 +1,148 @@
+"""The run directory: the contract between `train` and `analyze` / `compare`.
+
+Layout (DESIGN.md): config.yaml (written first), metrics.jsonl, eval.jsonl, samples.jsonl,
+summary.json, checkpoints/step_NNNNNN/. Whole files are written atomically (temporary name, then
+rename); JSONL files are appended one complete line at a time and flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from entclip.errors import EntclipError
+
+FORMAT = 1
+CONFIG, METRICS, EVAL, SAMPLES, SUMMARY = (
+    "config.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "summary.json")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line parses everywhere."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+class RunDir:
+    """A run directory being written by `train`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._files: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, path: Path, overwrite: bool = False) -> "RunDir":
+        """Make an empty run directory; refuse to touch a non-empty one unless `overwrite`."""
+        if path.exists() and not path.is_dir():
+            raise EntclipError(f"{path} exists and is not a directory; choose another --name or --out-dir")
+        if path.is_dir() and any(path.iterdir()):
+            if not overwrite:
+                raise EntclipError(f"run directory {path} already exists and is not empty; "
+                                   "pass --overwrite to replace it or --name to choose another")
+            if not (path / CONFIG).exists():
+                raise EntclipError(f"{path} is not an entclip run directory (no {CONFIG}); "
+                                   "--overwrite only replaces run directories: choose another --name")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_config(self, config_yaml: str) -> None:
+        write_atomic(self.path / CONFIG, config_yaml)
+
+    def append(self, name: str, row: dict[str, Any]) -> None:
+        fh = self._files.get(name)
+        if fh is None:
+            fh = self._files[name] = open(self.path / name, "a")
+        fh.write(json.dumps(_clean(row)) + "\n")
+        fh.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / SUMMARY, {"format": FORMAT, **summary})
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step_{step:06d}"
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+        self._files.clear()
+
+
+@dataclass
+class LoadedRun:
+    """A run directory read back for analysis. Missing files give empty lists / None."""
+
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):  # a torn last line from a killed writer: skip it, say so
+                warnings.append(f"{path.name}: skipped a torn last line ({i})")
+                continue
+            raise EntclipError(f"{path} line {i} is not valid JSON; the file is corrupted: "
+                               "restore it or delete that line") from None
+        if not isinstance(row, dict):
+            raise EntclipError(f"{path} line {i} is not a JSON object; the file is corrupted")
+        rows.append(row)
+    return rows
+
+
+def load_run(path: Path) -> LoadedRun:
+    if not path.exists():
+        raise EntclipError(f"run directory {path} does not exist; give the path printed by `entclip train`")
+    if not path.is_dir() or not (path / CONFIG).exists():
+        raise EntclipError(f"{path} is not an entclip run directory (no {CONFIG}); "
+                           "give a directory written by `entclip train`")
+    try:
+        config = yaml.safe_load((path / CONFIG).read_text()) or {}
+    except yaml.YAMLError:
+        raise EntclipError(f"{path / CONFIG} is not valid YAML; the run directory is corrupted") from None
+    run = LoadedRun(path=path, config=config)
+    run.metrics = _read_jsonl(path / METRICS, run.warnings)
+    run.evals = _read_jsonl(path / EVAL, run.warnings)
+    if (path / SUMMARY).exists():
+        try:
+            run.summary = json.loads((path / SUMMARY).read_text())
+        except json.JSONDecodeError:
+            run.warnings.append(f"{SUMMARY} is not valid JSON; ignored")
+    return run

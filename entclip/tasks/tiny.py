@@ -1,0 +1,320 @@
+"""The embedded tiny setup: a character tokenizer, a ~1M-parameter Qwen2 and a cached warm start.
+
+GRPO needs a start that is useful but imperfect: a random model never earns a reward (no signal), a
+converged one answers every sample of a group alike (no signal either). `warm_start` trains the tiny
+model with plain supervised learning on the task's train split until its greedy accuracy first
+reaches `target_acc`, then stores it as an ordinary Hugging Face folder under `cache_root/<key>`, so
+the rest of entclip loads it like any other model. The test split is never touched here.
+
+transformers is imported inside functions: importing this module must stay cheap (CLI start-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from entclip.errors import EntclipError
+from entclip.tasks.arithmetic import ArithmeticTask, Problem, verify
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3, in this order
+CHARS = "0123456789+="
+# Part of every cache key: bump it whenever the tokenizer, the model defaults or the training
+# procedure change, so that old cache entries are no longer found.
+FORMAT_VERSION = 1
+MARKER = "warmstart.json"  # written last inside the temporary folder: its presence means complete
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over CHARS with <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+
+    Encoding prepends <bos> (no <eos>); padding is on the left, as batched generation needs; the
+    outputs are only input_ids and attention_mask. Special tokens written in the text ("46<eos>")
+    are recognised. Any other character (a space, a letter) becomes <unk>.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one char per token
+    core.decoder = decoders.Fuse()  # join characters back without spaces
+    bos = vocab["<bos>"]
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
+    )
+    core.add_special_tokens(list(SPECIALS))
+    # padding_side must be a constructor argument: set afterwards, save_pretrained drops it.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids: Qwen2 rejects them
+    )
+
+
+def build_tiny_model(
+    tokenizer,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 512,
+    max_positions: int = 64,
+    seed: int = 0,
+) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2ForCausalLM sized for the tokenizer (~1.0M params at defaults).
+
+    Initialisation uses torch.manual_seed(seed) inside a forked RNG, so the same arguments give the
+    same weights and the caller's global RNG state is left as it was.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if hidden % heads or heads % kv_heads:
+        raise EntclipError(
+            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: hidden must be a multiple of heads "
+            f"and heads a multiple of kv_heads; e.g. hidden=128, heads=4, kv_heads=2"
+        )
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model
+
+
+@dataclass(frozen=True)
+class WarmStartSpec:
+    """Everything that determines a warm-started tiny model; equal specs give equal weights.
+
+    Bitwise equality holds for one machine, torch version and intra-op thread count (float sums
+    may be ordered differently across thread counts). The cache key covers every field.
+    """
+
+    # task
+    max_operand: int = 99  # operands 0..max_operand
+    n_test: int = 500  # held-out problems (never seen here)
+    split_seed: int = 1234  # seed of the train/test split
+    # model
+    hidden: int = 128  # hidden size
+    layers: int = 4  # transformer blocks
+    heads: int = 4  # attention heads
+    kv_heads: int = 2  # key/value heads (grouped-query attention)
+    ffn: int = 512  # MLP inner size
+    # training
+    lr: float = 3e-3  # AdamW learning rate
+    batch_size: int = 64  # sequences per step
+    max_steps: int = 1500  # stop here if target_acc is never reached
+    target_acc: float = 0.5  # stop at the first evaluation with greedy train accuracy >= this
+    eval_every: int = 50  # steps between greedy evaluations
+    eval_n: int = 256  # train problems per evaluation (a fixed sample)
+    seed: int = 0  # model init, batch order and evaluation sample
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "eval_n"):
+            if getattr(self, name) < 1:
+                raise EntclipError(f"warm start {name}={getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise EntclipError(f"warm start lr={self.lr}: must be positive; e.g. lr=3e-3")
+        if not 0 < self.target_acc <= 1:
+            raise EntclipError(f"warm start target_acc={self.target_acc}: must be in (0, 1]; e.g. 0.5")
+        _ = self.task  # validates the task fields too
+
+    @property
+    def task(self) -> ArithmeticTask:
+        return ArithmeticTask(self.max_operand, self.n_test, self.split_seed)
+
+    def key(self) -> str:
+        """16 hex digits of sha256 over all fields and FORMAT_VERSION; stable across processes."""
+        fields = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fields[f.name] = float(value) if f.type == "float" else value  # lr=1 and lr=1.0 agree
+        blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WarmStartResult:
+    """Where the warm-started model lies and how it got there (read back from warmstart.json)."""
+
+    path: Path  # a save_pretrained folder: model, config, generation config, tokenizer, warmstart.json
+    accuracy: float  # greedy accuracy on the spec's evaluation sample of the train split
+    steps: int  # optimizer steps taken
+    seconds: float  # wall time of the training loop when it was built
+    cached: bool  # True when this call found the folder instead of training
+
+
+def warm_start(spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None] = lambda s: None) -> WarmStartResult:
+    """Return the warm-started model for `spec`, training and caching it on first use.
+
+    If `cache_root/<key>/warmstart.json` exists, nothing is loaded or trained (cached=True).
+    Otherwise the model is trained, saved into a temporary sibling folder and renamed into place,
+    so an interrupted call never leaves a folder that looks complete; a temporary folder it leaves
+    behind (a hidden `.<key>.tmp-*`) is ignored and may be deleted by hand.
+    """
+    final = Path(cache_root) / spec.key()
+    if (final / MARKER).exists():
+        return _read_result(final, spec, log)
+    if final.exists():
+        raise EntclipError(f"{final} exists but has no {MARKER} (damaged or not made by entclip); delete it and rerun")
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(
+        tokenizer, spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.ffn, seed=spec.seed
+    )
+    start = time.perf_counter()
+    steps, accuracy, history = _train(model, tokenizer, spec, log)
+    seconds = time.perf_counter() - start
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {
+            "format": FORMAT_VERSION,
+            "key": final.name,
+            "spec": dataclasses.asdict(spec),
+            "accuracy": accuracy,
+            "steps": steps,
+            "seconds": seconds,
+            "reached_target": accuracy >= spec.target_acc,
+            "history": history,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            os.replace(tmp, final)  # atomic; fails if another process has put a folder there first
+        except OSError:
+            if not (final / MARKER).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return _read_result(final, spec, log)  # the other process won: use its copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"warm start saved to {final}")
+    return WarmStartResult(final, accuracy, steps, seconds, cached=False)
+
+
+def _read_result(folder: Path, spec: WarmStartSpec, log: Callable[[str], None]) -> WarmStartResult:
+    record = json.loads((folder / MARKER).read_text())
+    if record.get("spec") != dataclasses.asdict(spec):
+        raise EntclipError(f"{folder / MARKER} holds a different spec (key collision?); delete {folder} and rerun")
+    log(f"warm start: cached {folder} (greedy accuracy {record['accuracy']:.3f})")
+    return WarmStartResult(folder, record["accuracy"], record["steps"], record["seconds"], cached=True)
+
+
+def _encode_train(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `<bos>prompt answer<eos>` ids, attention mask and target mask.
+
+    Returns ids (N, L), attention (N, L) and targets (N, L-1): targets[i, t] says whether token t+1
+    is an answer character or <eos>, i.e. whether it is predicted and scored. Right padding keeps
+    <bos> at position 0, which is where generation (left padding, positions from the mask) puts it.
+    """
+    ids = tokenizer.convert_tokens_to_ids
+    rows, n_prompt = [], []
+    for p in problems:
+        rows.append([tokenizer.bos_token_id, *ids(list(p.prompt + p.answer)), tokenizer.eos_token_id])
+        n_prompt.append(1 + len(p.prompt))
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)  # (N, L)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)  # (N, L)
+    targets = torch.zeros((len(rows), length - 1), dtype=torch.bool)  # (N, L-1)
+    for i, (row, k) in enumerate(zip(rows, n_prompt)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        targets[i, k - 1 : len(row) - 1] = True
+    return input_ids, attention, targets
+
+
+def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 256) -> float:
+    """Share of problems whose greedy completion (KV-cached generate) verifies exactly."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i : i + batch_size]
+            enc = tokenizer([p.prompt for p in chunk], padding=True, return_tensors="pt")
+            out = model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            right += sum(verify(t, p.answer) for t, p in zip(texts, chunk))
+    model.train(was_training)
+    return right / len(problems)
+
+
+def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]) -> tuple[int, float, list[dict]]:
+    """Supervised steps until greedy accuracy >= target_acc or max_steps; returns (steps, acc, history)."""
+    task = spec.task
+    input_ids, attention, targets = _encode_train(task.train, tokenizer)
+    # A fixed evaluation sample of the train split, so successive evaluations are comparable.
+    eval_problems = random.Random(spec.seed).sample(task.train, min(spec.eval_n, len(task.train)))
+    max_new = task.max_answer_chars + 1  # the answer and its <eos>
+    gen = torch.Generator().manual_seed(spec.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    model.train()
+    order, pos = torch.randperm(len(input_ids), generator=gen), 0
+    history: list[dict] = []
+    accuracy, start = 0.0, time.perf_counter()
+    for step in range(1, spec.max_steps + 1):
+        if pos + spec.batch_size > len(order):  # a new epoch: a fresh permutation, no partial batch
+            order, pos = torch.randperm(len(input_ids), generator=gen), 0
+        idx = order[pos : pos + spec.batch_size]
+        pos += spec.batch_size
+        length = int(attention[idx].sum(1).max())  # trim the batch to its longest row
+        x, m, t = input_ids[idx, :length], attention[idx, :length], targets[idx, : length - 1]
+        logits = model(input_ids=x, attention_mask=m).logits[:, :-1]  # (B, L-1, V)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (nll * t.flatten()).sum() / t.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % spec.eval_every == 0 or step == spec.max_steps:
+            accuracy = greedy_accuracy(model, tokenizer, eval_problems, max_new)
+            history.append({"step": step, "loss": loss.item(), "accuracy": accuracy})
+            log(
+                f"warm start step {step}/{spec.max_steps}: loss {loss.item():.3f}, "
+                f"greedy train accuracy {accuracy:.3f} ({time.perf_counter() - start:.1f}s)"
+            )
+            if accuracy >= spec.target_acc:
+                break
+    model.eval()
+    return step, accuracy, history

@@ -1,0 +1,89 @@
+"""Config: precedence, presets, validation messages that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from entclip.config import Config, load_preset, preset_names, resolve
+from entclip.errors import EntclipError
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = Config()
+    assert cfg.batch_size == 64 and cfg.minibatch_size == 32
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_precedence_defaults_preset_config_flags_set(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("lr: 2.0e-4\nsteps: 11\nseed: 3\ngroup_size: 4\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 12\nseed: 4\ngroup_size: 6\n")
+    cfg = resolve(preset=str(preset), config_file=str(config), flags={"seed": 5, "group_size": None},
+                  sets=["group_size=2"])
+    assert cfg.lr == 2e-4        # preset over default
+    assert cfg.steps == 12       # config file over preset
+    assert cfg.seed == 5         # flag over config file
+    assert cfg.group_size == 2   # --set over everything; a None flag does not count
+
+
+def test_shipped_presets_resolve():
+    names = preset_names()
+    assert {"clip-b", "clip-v", "clip-b-active", "clip-v-active"} <= set(names)
+    for name in names:
+        cfg = resolve(preset=name)
+        assert cfg.entropy_control in ("clip_b", "clip_v", "none")
+    assert resolve(preset="clip-v").clip_v_mu == 8.5 and resolve(preset="clip-v").clip_v_max_frac == 1e-4
+
+
+def test_set_parses_scientific_notation_bools_and_null():
+    cfg = resolve(sets=["lr=1e-5", "scale_std=false", "clip_v_max_frac=null", "eps_high=0.28"])
+    assert cfg.lr == 1e-5 and cfg.scale_std is False and cfg.clip_v_max_frac is None
+    assert cfg.eps_high == 0.28
+
+
+def test_saved_config_yaml_resolves_back_to_the_same_config(tmp_path):
+    cfg = resolve(preset="clip-v-active", sets=["seed=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert resolve(config_file=str(path)) == cfg
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["grup_size=4"], "did you mean group_size"),
+    (["group_size=1"], "set --set group_size=8"),
+    (["minibatches=3"], "does not divide"),
+    (["lr=abc"], "expected a number"),
+    (["lr=-1"], "must be positive"),
+    (["steps=1.5"], "expected an integer"),
+    (["entropy_control=clip"], "choose one of none, clip_b, clip_v"),
+    (["filter_mu_low=1.0"], "filter_rule=paper"),
+    (["eps_low=1.5"], "eps_low"),
+    (["noequals"], "expected key=value"),
+    (["clip_v_max_frac=2"], "clip_v_max_frac"),
+])
+def test_bad_values_fail_with_a_message_naming_the_fix(sets, needle):
+    with pytest.raises(EntclipError) as err:
+        resolve(sets=sets)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(EntclipError, match="choose from .*clip-b"):
+        load_preset("clip-z")
+
+
+def test_malformed_yaml_and_non_mapping_config_fail(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(EntclipError, match="not valid YAML"):
+        resolve(config_file=str(bad))
+    lst = tmp_path / "list.yaml"
+    lst.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(EntclipError, match="mapping"):
+        resolve(config_file=str(lst))
+    with pytest.raises(EntclipError, match="cannot read"):
+        resolve(config_file=str(tmp_path / "missing.yaml"))

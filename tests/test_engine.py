@@ -1,0 +1,129 @@
+"""The GRPO engine on the tiny model: a short real run, its run directory, repeatability."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_sets
+from entclip.config import resolve
+from entclip.engine import Trainer, train
+from entclip.rundir import RunDir, load_run
+
+EXPECTED_KEYS = {
+    "step", "reward/mean", "reward/std", "reward/accuracy", "reward/zero_var_frac", "entropy/mean",
+    "disc/mean", "disc/std", "disc/baseline_mean", "disc/dev_mean", "disc/dev_std", "disc/min_z_b",
+    "disc/min_z_v", "clip/ratio_low_frac", "clip/ratio_high_frac", "clip/filter_frac",
+    "clip/filter_frac_pos", "clip/filter_frac_neg", "loss/total", "loss/policy", "kl/ref", "grad/norm",
+    "length/mean", "perf/step_s", "perf/tokens_per_s", "lr", "train/updates",
+}
+
+
+def _run(tmp_path, name, **overrides):
+    cfg = resolve(sets=tiny_sets(**overrides))
+    run = RunDir.create(tmp_path / name)
+    run.write_config(cfg.to_yaml())
+    summary = train(cfg, run, log=lambda s: None)
+    return cfg, load_run(run.path), summary
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("runs"), "plain")
+
+
+def test_two_steps_write_a_complete_run_directory(plain_run):
+    cfg, run, summary = plain_run
+    assert [r["step"] for r in run.metrics] == [1, 2]
+    for row in run.metrics:
+        assert EXPECTED_KEYS <= row.keys(), EXPECTED_KEYS - row.keys()
+        assert math.isfinite(row["loss/total"]) and row["grad/norm"] > 0
+        assert row["train/updates"] == cfg.epochs * cfg.minibatches
+    assert [e["step"] for e in run.evals] == [0, 1, 2]
+    assert {"test/greedy_acc", "test/avg@4", "test/pass@1", "test/pass@4"} <= run.evals[0].keys()
+    samples = [json.loads(line) for line in (run.path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * cfg.samples_per_step
+    assert {"prompt", "completion", "reward", "advantage"} <= samples[0].keys()
+    assert summary["status"] == "completed" and run.summary["format"] == 1
+
+
+def test_checkpoint_loads_with_auto_classes_and_differs_from_the_warm_start(plain_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run, summary = plain_run
+    ckpt = run.path / summary["checkpoint"]
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "trainer_state.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    start = AutoModelForCausalLM.from_pretrained(summary["warm_start"]["path"])
+    changed = [n for (n, p), (_, q) in zip(model.named_parameters(), start.named_parameters())
+               if not torch.equal(p, q)]
+    assert changed, "GRPO updates did not change any parameter"
+    assert tok.decode(tok("12+34=")["input_ids"], skip_special_tokens=True) == "12+34="
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and "optimizer" in state
+
+
+def test_same_seed_repeats_exactly_on_cpu(plain_run, tmp_path):
+    _, first, _ = plain_run
+    _, second, _ = _run(tmp_path, "again")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
+    assert strip(first.metrics) == strip(second.metrics)
+    assert first.evals == second.evals
+
+
+def test_single_update_per_batch_is_on_policy(tmp_path):
+    """With one update the recomputed log-probs equal the old ones: ratio 1, nothing ratio-clipped."""
+    _, run, _ = _run(tmp_path, "onpolicy", minibatches=1, eps_low=0.0, eps_high=0.0)
+    for row in run.metrics:
+        assert row["clip/ratio_low_frac"] == 0 and row["clip/ratio_high_frac"] == 0
+
+
+@pytest.mark.parametrize("method, sets", [
+    ("clip_b", {"clip_b_mu": 0.3}),
+    ("clip_v", {"clip_v_mu": 0.3, "clip_v_max_frac": "null"}),
+    ("clip_b", {"clip_b_mu": 0.3, "filter_rule": "paper"}),
+])
+def test_filters_with_a_small_mu_drop_tokens_and_log_it(tmp_path, method, sets):
+    _, run, _ = _run(tmp_path, method, entropy_control=method, **sets)
+    assert any(r["clip/filter_frac"] > 0 for r in run.metrics)
+    if sets.get("filter_rule") != "paper":  # released rule: only negative advantages are dropped
+        assert all(r["clip/filter_frac_pos"] == 0 for r in run.metrics)
+
+
+def test_released_thresholds_report_why_they_are_idle(plain_run):
+    _, run, _ = plain_run
+    for row in run.metrics:
+        assert row["disc/min_z_b"] <= 0 and row["disc/min_z_v"] <= 0
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss_agg": "seq-mean-token-mean"},
+    {"loss_agg": "constant", "scale_std": "false"},
+    {"kl_coef": 0.1, "lr_schedule": "cosine", "epochs": 2},
+])
+def test_objective_variants_train(tmp_path, overrides):
+    _, run, _ = _run(tmp_path, "variant", **overrides)
+    assert all(math.isfinite(r["loss/total"]) for r in run.metrics)
+    if "kl_coef" in overrides:
+        assert run.metrics[-1]["kl/ref"] >= 0
+        assert run.metrics[-1]["train/updates"] == 4
+
+
+def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
+    """The keep-mask is computed once per rollout batch, before the first update, on every row."""
+    from entclip.engine import token_filter
+    from entclip import losses
+
+    cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
+    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None)
+    roll, rewards, _ = trainer.rollout(1)
+    stats = trainer.batch_stats(roll)
+    adv = losses.group_advantages(rewards, cfg.group_size)[:, None].expand_as(roll.completion_mask)
+    keep, out = token_filter(cfg, trainer.accelerator, stats, adv, roll.completion_mask)
+    expected = losses.clip_b_mask(stats.disc, adv, roll.completion_mask, mu=0.3)
+    assert torch.equal(keep, expected)
+    assert not (keep & ~roll.completion_mask.bool()).any()
