@@ -58,6 +58,8 @@ def _plan(cfg, path: Path) -> str:
     if filt != "none":
         filt += f" (rule={cfg.filter_rule}, mu={cfg.filter_mu}"
         filt += f", max_frac={cfg.clip_v_max_frac})" if cfg.entropy_control == "clip_v" else ")"
+    if cfg.entropy_control == "sign":
+        filt = f"sign (deviation {cfg.sign_deviation}, samples {cfg.sign_samples})"
     return "\n".join([
         f"run directory : {path}",
         f"task          : {cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)",
@@ -83,7 +85,7 @@ def train(
     seed: Optional[int] = typer.Option(None, help="the run's seed"),
     lr: Optional[float] = typer.Option(None, help="learning rate"),
     group_size: Optional[int] = typer.Option(None, help="samples per prompt (G)"),
-    entropy_control: Optional[str] = typer.Option(None, help="none | clip_b | clip_v"),
+    entropy_control: Optional[str] = typer.Option(None, help="none | clip_b | clip_v | sign"),
     out_dir: Optional[str] = typer.Option(None, help="parent folder of run directories"),
     name: Optional[str] = typer.Option(None, help="run directory name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),

@@ -71,8 +71,8 @@ class Config:
     scale_std: bool = _f(True, "divide group-centred rewards by the group std (False = Dr. GRPO)")
     kl_coef: float = _f(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
     # ---- entropy control ------------------------------------------------------------------
-    entropy_control: Literal["none", "clip_b", "clip_v"] = _f(
-        "none", "token filter: Clip_B or Clip_V of arXiv 2602.03392, or none"
+    entropy_control: Literal["none", "clip_b", "clip_v", "sign"] = _f(
+        "none", "token filter: Clip_B or Clip_V of arXiv 2602.03392, the sign intervention, or none"
     )
     filter_rule: Literal["released", "paper"] = _f(
         "released", "released = one-sided on negative advantages; paper = two-sided band"
@@ -82,6 +82,10 @@ class Config:
     clip_v_max_frac: float | None = _f(1e-4, "Clip_V released rule: cap on the dropped share (null = no cap)")
     filter_mu_low: float | None = _f(None, "paper rule: lower band width (default: the method's mu)")
     filter_mu_high: float | None = _f(None, "paper rule: upper band width (default: the method's mu)")
+    sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens with S* - E_p[S] > 0 (pos) or < 0 (neg)")
+    sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
+    entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
+    accounting_every: int = _f(1, "entropy accounting cadence in steps (raise it for large models)")
     # ---- evaluation -----------------------------------------------------------------------
     eval_n: int = _f(200, "held-out problems per evaluation")
     eval_k: int = _f(8, "samples per problem for avg@k and pass@k")
@@ -126,7 +130,7 @@ def _need(ok: bool, message: str) -> None:
 def _validate(c: Config) -> None:
     positive = ["steps", "log_every", "samples_per_step", "max_operand", "n_test", "tiny_hidden",
                 "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_max_steps", "prompts_per_step",
-                "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k"]
+                "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k", "accounting_every"]
     for name in positive:
         value = getattr(c, name)
         _need(value >= 1, f"{name}={value}: must be at least 1; set --set {name}={FIELDS[name].default}")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from entclip import losses, theory
+from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import EntclipError
 from entclip.rollout import Rollout, completion_logits, sample
@@ -98,6 +99,8 @@ def token_filter(cfg: Config, accelerator, stats: BatchStats, adv_tok: torch.Ten
     elif cfg.entropy_control == "clip_v":
         keep = losses.clip_v_mask(disc, base, adv, gmask, mu=cfg.clip_v_mu,
                                   max_frac=cfg.clip_v_max_frac, **kw)
+    elif cfg.entropy_control == "sign":
+        keep = losses.sign_mask(disc, base, adv, gmask, cfg.sign_deviation, cfg.sign_samples)
     else:
         keep = valid
     shares = losses.filter_shares(keep, gmask, adv)
@@ -155,26 +158,57 @@ class Trainer:
         rewards = torch.tensor([self.task.reward(c, a) for c, a in zip(roll.completions, answers)])
         return roll, rewards, correct
 
-    @torch.no_grad()
-    def batch_stats(self, roll: Rollout) -> BatchStats:
-        """Old log-probs and entropy statistics, one forward per minibatch, before any update."""
+    def batch_stats(self, roll: Rollout, account: bool = False) -> tuple[BatchStats, StepAccount | None]:
+        """Old log-probs and entropy statistics, one forward per minibatch, before any update.
+
+        With `account`, the same forward also gives grad_theta Hbar (one backward) and keeps the old
+        logits and parameters for the step's entropy accounting.
+        """
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         parts: list[theory.TokenStats] = []
         refs: list[torch.Tensor] = []
-        ids, am = roll.input_ids, roll.attention_mask
+        old_logits: list[torch.Tensor] = []
+        ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        n_valid = max(int(mask.sum()), 1)
         for s in range(0, ids.shape[0], cfg.minibatch_size):
             rows = slice(s, s + cfg.minibatch_size)
-            logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
-            parts.append(theory.token_stats(logits, roll.completion_ids[rows], cfg.temperature))
+            with torch.set_grad_enabled(account):
+                logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+            parts.append(theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature))
+            if account:  # grad of Hbar = mean entropy over the batch's valid tokens
+                h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() / n_valid
+                self.accelerator.backward(h_part)
+                old_logits.append(logits.detach())
             if self.ref is not None:
-                ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
+                with torch.no_grad():
+                    ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
                 refs.append(theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature))
         cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return BatchStats(cat("logp"), cat("entropy"), cat("disc"), cat("baseline"),
-                          torch.cat(refs) if refs else None)
+        stats = BatchStats(cat("logp"), cat("entropy"), cat("disc"), cat("baseline"),
+                           torch.cat(refs) if refs else None)
+        if not account:
+            return stats, None
+        params = list(self.model.parameters())
+        grad_h = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        self.opt.zero_grad(set_to_none=True)
+        acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
+                           logits=torch.cat(old_logits), h_old=float(stats.entropy[mask.bool()].mean()),
+                           n_valid=n_valid)
+        return stats, acct
+
+    @torch.no_grad()
+    def entropy_after(self, roll: Rollout) -> tuple[torch.Tensor, float]:
+        """Logits (B, T, V) and Hbar after the step's updates, on the same tokens."""
+        cfg, T = self.cfg, roll.completion_ids.shape[1]
+        ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        logits = torch.cat([completion_logits(self.model, ids[s:s + cfg.minibatch_size],
+                                              am[s:s + cfg.minibatch_size], T)
+                            for s in range(0, ids.shape[0], cfg.minibatch_size)])
+        ent = theory.token_stats(logits, roll.completion_ids, cfg.temperature).entropy
+        return logits, float(ent[mask.bool()].mean())
 
     def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
-               loss_mask: torch.Tensor) -> dict[str, float]:
+               loss_mask: torch.Tensor, account: StepAccount | None = None) -> dict[str, float]:
         """epochs x minibatches optimizer updates; returns update metrics averaged over them."""
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
@@ -196,6 +230,12 @@ class Trainer:
                     per_token = per_token + cfg.kl_coef * kl
                 m = loss_mask[rows]
                 loss = losses.aggregate(per_token, m, cfg.loss_agg, cfg.agg_constant)
+                if account is not None:
+                    t_acc = time.perf_counter()
+                    account.add_update(rows, logits, roll.completion_ids[rows], adv_tok[rows], surr, m,
+                                       loss_weights(m, cfg.loss_agg, cfg.agg_constant),
+                                       self.sched.get_last_lr()[0], cfg.temperature)
+                    self.accounting_s += time.perf_counter() - t_acc
                 self.accelerator.backward(loss)
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
@@ -227,13 +267,26 @@ class Trainer:
         adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(device)  # (B,)
         mask = roll.completion_mask  # (B, T)
         adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
-        stats = self.batch_stats(roll)
+        account_now = cfg.entropy_accounting and step % cfg.accounting_every == 0
+        self.accounting_s = 0.0
+        t_stats = time.perf_counter()
+        stats, account = self.batch_stats(roll, account=account_now)
+        t_stats = time.perf_counter() - t_stats
         keep, filt = token_filter(cfg, self.accelerator, stats, adv_tok, mask)
         # A filtered token leaves the loss entirely: its term and its share of the normalizer.
         loss_mask = mask * keep
-        upd = self.update(step, roll, stats, adv_tok, loss_mask)
+        upd = self.update(step, roll, stats, adv_tok, loss_mask, account)
+        acct: dict[str, float] = {}
+        if account is not None:
+            t_acc = time.perf_counter()
+            new_logits, h_new = self.entropy_after(roll)
+            acct = account.finish(new_logits, h_new, [p.detach() for p in self.model.parameters()],
+                                  stats, adv_tok, mask, cfg.temperature)
+            self.accounting_s += time.perf_counter() - t_acc
+            acct["perf/stats_pass_s"] = t_stats
+            acct["perf/accounting_s"] = self.accounting_s
         elapsed = time.perf_counter() - t0
-        metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd,
+        metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd, **acct,
                    "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
                    "perf/tokens_per_s": roll.n_tokens / max(elapsed, 1e-9)}
         if self.accelerator.is_main_process:

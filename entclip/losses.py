@@ -283,3 +283,31 @@ def filter_shares(keep: torch.Tensor, mask: torch.Tensor, advantages: torch.Tens
         return int((dropped & sel).sum()) / n if n else 0.0
 
     return {"frac": share(valid), "frac_pos": share(valid & (adv > 0)), "frac_neg": share(valid & (adv < 0))}
+
+
+def sign_mask(
+    disc: torch.Tensor,
+    baseline: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    deviation: str = "pos",
+    samples: str = "all",
+) -> torch.Tensor:
+    """The sign intervention of the paper's check of Theorem 3.3: a (B, T) bool keep-mask.
+
+    Keep valid tokens whose deviation S* - E_p[S] is > 0 (deviation="pos") or < 0 ("neg");
+    samples="pos" / "neg" also keeps only tokens with A > 0 / A < 0 ("all": any advantage).
+    Theorem 3.3 predicts: A > 0 with deviation > 0 lowers entropy, with deviation < 0 raises it;
+    A < 0 mirrors both.
+    """
+    if deviation not in ("pos", "neg") or samples not in ("all", "pos", "neg"):
+        raise ValueError(f"sign_mask: deviation must be pos|neg and samples all|pos|neg, "
+                         f"got {deviation!r}, {samples!r}")
+    adv = _per_token(advantages, disc)
+    x = disc.detach().float() - baseline.detach().float()  # (B, T)
+    keep = mask.bool() & ((x > 0) if deviation == "pos" else (x < 0))
+    if samples == "pos":
+        keep &= adv > 0
+    elif samples == "neg":
+        keep &= adv < 0
+    return keep

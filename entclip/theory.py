@@ -187,3 +187,22 @@ def grpo_logit_delta(
     adv = _per_sequence(advantages, disc)
     r = _per_sequence(ratio, disc)
     return -lr * r * adv * (disc - baseline) / temperature**2
+
+
+def entropy_delta_from_logit_change(
+    logits: torch.Tensor, dz: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """First-order dH of each position for a given change dz of its raw logits.
+
+    logits, dz: (..., V) -> (...) float32: dH = -(1/T) sum_j S_j dz_j with S_j = p_j (H + log p_j)
+    at `logits` (the directional derivative behind Lemma 3.1 / Theorem 3.3, fed with any dz instead
+    of the independent-position dz = alpha (e_k - p)). Since sum_j S_j = 0, a shift of all logits by
+    a constant changes nothing. No gradient; computed in float32 (at least).
+    """
+    _check_temperature(temperature)
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
+        p = logp.exp()
+        h = -(p * logp).sum(-1, keepdim=True)
+        s = p * (h + logp)  # (..., V) S_j
+        return -(s * dz.to(s.dtype)).sum(-1) / temperature

@@ -88,11 +88,7 @@ def build_tiny_model(
     """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    if hidden % heads or heads % kv_heads:
-        raise EntclipError(
-            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: hidden must be a multiple of heads "
-            f"and heads a multiple of kv_heads; e.g. hidden=128, heads=4, kv_heads=2"
-        )
+    _check_heads(hidden, heads, kv_heads)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -110,6 +106,14 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     return model
+
+
+def _check_heads(hidden: int, heads: int, kv_heads: int) -> None:
+    if min(hidden, heads, kv_heads) < 1 or hidden % heads or heads % kv_heads:
+        raise EntclipError(
+            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: hidden must be a multiple of heads "
+            f"and heads a multiple of kv_heads; e.g. hidden=128, heads=4, kv_heads=2"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class WarmStartSpec:
             raise EntclipError(f"warm start lr={self.lr}: must be positive; e.g. lr=3e-3")
         if not 0 < self.target_acc <= 1:
             raise EntclipError(f"warm start target_acc={self.target_acc}: must be in (0, 1]; e.g. 0.5")
+        _check_heads(self.hidden, self.heads, self.kv_heads)
         _ = self.task  # validates the task fields too
 
     @property
