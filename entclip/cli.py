@@ -149,6 +149,107 @@ def analyze(
             render(summary, Console())
 
 
+@app.command("predict-entropy")
+def predict_entropy(
+    model: Optional[str] = typer.Argument(None, help="run directory, checkpoint or model folder, or "
+                                          "Hugging Face id (default: the built-in tiny model)"),
+    prompts: str = typer.Option("builtin", help="'builtin' (the task's train split), a .jsonl file with "
+                                "prompt and answer fields, or a .tsv file of prompt<TAB>answer"),
+    n_prompts: int = typer.Option(8, help="prompts to sample"),
+    group_size: Optional[int] = typer.Option(None, help="samples per prompt (G)"),
+    out: Optional[Path] = typer.Option(None, help="write per-token records to this JSONL file"),
+    apply: bool = typer.Option(False, "--apply", help="take the step and report measured vs predicted"),
+    logits: Optional[str] = typer.Option(None, help="explain Theorem 3.2 for these comma-separated logits"),
+    position: Optional[str] = typer.Option(None, help="explain Theorem 3.2 for the model's next-token "
+                                           "distribution after this prompt"),
+    top: int = typer.Option(8, help="rows in the token tables"),
+    preset: Optional[str] = typer.Option(None, help="preset name or YAML path"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config (default: the run's own)"),
+    set_: list[str] = typer.Option([], "--set", help="key=value override, repeatable"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    lr: Optional[float] = typer.Option(None, help="learning rate of the step"),
+    as_json: bool = typer.Option(False, "--json", help="print totals (and --apply figures) as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Predict (and with --apply, measure) what one GRPO step does to entropy, token by token."""
+    with _user_errors(debug):
+        from rich.console import Console
+
+        from entclip.config import resolve
+        from entclip.report import render_distribution
+
+        console = Console()
+        if logits is not None:
+            import torch
+
+            from entclip.predict import explain_distribution
+
+            try:
+                values = torch.tensor([float(v) for v in logits.split(",")])
+            except ValueError:
+                raise EntclipError(f"--logits {logits!r}: expected comma-separated numbers, e.g. 2,1,0.5") from None
+            if len(values) < 2:
+                raise EntclipError("--logits needs at least two values")
+            explained = explain_distribution(values)
+            if as_json:
+                typer.echo(json.dumps(explained, indent=2))
+            else:
+                render_distribution(explained, console, top=top)
+            return
+        from entclip.predict import load_problems, predict, resolve_model
+
+        model_path = resolve_model(model)
+        if config is None and model and (Path(model) / "config.yaml").exists():
+            config = str(Path(model) / "config.yaml")  # a run directory: its own task and settings
+        flags = dict(seed=seed, lr=lr, group_size=group_size)
+        # One step = one update on the whole batch of the given prompts.
+        sets = [*set_, "minibatches=1", "epochs=1"]
+        cfg = resolve(preset=preset, config_file=config, flags=flags, sets=sets)
+        if position is not None:
+            _explain_position(cfg, model_path, position, console, top, as_json)
+            return
+        from entclip.tasks.arithmetic import ArithmeticTask
+
+        task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+        problems = load_problems(prompts, task.train, n_prompts, cfg.seed)
+        cfg = resolve(preset=preset, config_file=config, flags=flags,
+                      sets=[*sets, f"prompts_per_step={len(problems)}"])
+        pred = predict(cfg, model_path, problems, apply, log=lambda s: None)
+        if out is not None:
+            from entclip.rundir import write_atomic
+
+            write_atomic(out, "".join(json.dumps(r) + "\n" for r in pred.records))
+        if as_json:
+            typer.echo(json.dumps({"totals": pred.totals, "applied": pred.applied}, indent=2))
+        else:
+            from entclip.report import render_prediction
+
+            render_prediction(pred, console, top=top)
+            if out is not None:
+                console.print(f"per-token records: {out}")
+
+
+def _explain_position(cfg, model_path, prompt: str, console, top: int, as_json: bool) -> None:
+    import torch
+
+    from entclip.engine import load_folder, load_policy
+    from entclip.predict import explain_distribution
+    from entclip.report import render_distribution
+
+    model, tokenizer, _ = load_folder(model_path) if model_path else load_policy(cfg, lambda s: None)
+    enc = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0, -1]  # (V,) next-token logits
+    explained = explain_distribution(logits, cfg.temperature)
+    labels = tokenizer.convert_ids_to_tokens(list(range(logits.shape[-1])))
+    if as_json:
+        for r in explained["rows"]:
+            r["token"] = labels[r["index"]]
+        typer.echo(json.dumps(explained, indent=2))
+    else:
+        render_distribution(explained, console, labels=labels, top=top)
+
+
 def main() -> None:
     app()
 

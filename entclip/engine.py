@@ -61,6 +61,7 @@ def load_policy(cfg: Config, log: Log):
 
     from entclip.tasks.tiny import WarmStartSpec, warm_start
 
+    _quiet_libraries()
     heads = cfg.tiny_heads
     spec = WarmStartSpec(max_operand=cfg.max_operand, n_test=cfg.n_test, hidden=cfg.tiny_hidden,
                          layers=cfg.tiny_layers, heads=heads, kv_heads=heads // 2 if heads % 2 == 0 else heads,
@@ -73,6 +74,25 @@ def load_policy(cfg: Config, log: Log):
     tokenizer = AutoTokenizer.from_pretrained(ws.path)
     return model, tokenizer, {"path": str(ws.path), "accuracy": ws.accuracy, "steps": ws.steps,
                               "seconds": ws.seconds, "cached": ws.cached}
+
+
+def load_folder(path: str):
+    """A causal LM and its tokenizer from a local save_pretrained folder (no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_libraries()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint "
+                           "folder or a model folder on this machine (the Hugging Face hub may be "
+                           "unreachable offline)") from None
+    tokenizer.padding_side = "left"  # generation appends on the right
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, {"path": str(path)}
 
 
 def _gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +134,9 @@ def token_filter(cfg: Config, accelerator, stats: BatchStats, adv_tok: torch.Ten
 class Trainer:
     """Holds the objects of one run; `run()` is the loop. Built by `train()`."""
 
-    def __init__(self, cfg: Config, run: RunDir, log: Log, on_step: OnStep):
+    def __init__(self, cfg: Config, run: RunDir | None, log: Log, on_step: OnStep = lambda s, m: None,
+                 model_path: str | None = None):
+        """`model_path`: a save_pretrained folder to start from instead of the warm-started tiny model."""
         from accelerate import Accelerator
 
         from entclip.tasks.arithmetic import ArithmeticTask
@@ -129,14 +151,16 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
-        model, self.tokenizer, self.warm_start = load_policy(cfg, log)
+        load = (lambda lg: load_folder(model_path)) if model_path else (lambda lg: load_policy(cfg, lg))
+        model, self.tokenizer, self.warm_start = load(log)
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = load_policy(cfg, lambda s: None)[0].to(self.accelerator.device).eval()
+            self.ref = load(lambda s: None)[0].to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.opt = self.accelerator.prepare(model, opt)
         total = cfg.steps * cfg.epochs * cfg.minibatches
+        self.accounting_s = 0.0  # time the current step spent on entropy accounting
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     @property
@@ -150,6 +174,11 @@ class Trainer:
         rng = random.Random(derive_seed(cfg.seed, "prompts", step, rank))
         problems = rng.sample(self.task.train, cfg.prompts_per_step)
         torch.manual_seed(derive_seed(cfg.seed, "sample", step, rank))
+        return self.rollout_problems(problems)
+
+    def rollout_problems(self, problems: list) -> tuple[Rollout, torch.Tensor, list[bool]]:
+        """G samples for each problem (objects with .prompt and .answer), scored by the task."""
+        cfg = self.cfg
         self.policy.eval()
         roll = sample(self.policy, self.tokenizer, [p.prompt for p in problems], cfg.group_size,
                       cfg.temperature, cfg.max_new_tokens)
@@ -289,7 +318,7 @@ class Trainer:
         metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd, **acct,
                    "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
                    "perf/tokens_per_s": roll.n_tokens / max(elapsed, 1e-9)}
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.run_dir is not None:
             self.run_dir.append("metrics.jsonl", metrics)
             for i in range(min(cfg.samples_per_step, len(roll.prompts))):
                 self.run_dir.append("samples.jsonl", {

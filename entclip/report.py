@@ -118,3 +118,68 @@ def render(summary: dict[str, Any], console) -> None:
         console.print(ev)
     for w in summary.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def render_prediction(pred, console, top: int = 8) -> None:
+    """Tables for `predict-entropy`: totals, quadrants, the tokens that move entropy most."""
+    from rich.table import Table
+
+    t = pred.totals
+    head = Table(title="what one GRPO step would do to entropy (Theorem 3.3, first order)", show_header=False)
+    head.add_column("what", style="bold")
+    head.add_column("value")
+    direction = "raise" if t["entropy/pred_logit"] > 0 else "lower"
+    head.add_row("batch", f"{t['sequences']} sequences, {t['tokens']} response tokens, reward {t['reward/mean']:.3f}")
+    head.add_row("mean token entropy", f"{t['entropy/mean']:.5f} nats")
+    head.add_row("predicted change (lr {:g})".format(t["lr"]), f"{t['entropy/pred_logit']:+.3e} ({direction})")
+    head.add_row("drive (without lr)", f"{t['entropy/pred_logit_drive']:+.4e}")
+    head.add_row("Corollary 3.5: mean deviation / mean S*", f"{t['disc/dev_mean']:+.4e} / {t['disc/mean']:+.4e}")
+    head.add_row("filter drops", f"{t['clip/filter_frac']:.4f} of tokens")
+    console.print(head)
+    quad = Table(title="quadrants: advantage sign x deviation (S* - E_p[S]) sign")
+    for c in ("quadrant", "token share", "predicted dH", "theory says"):
+        quad.add_column(c, justify="right" if c != "quadrant" else "left")
+    says = {"pos_devpos": "lowers", "pos_devneg": "raises", "neg_devpos": "raises", "neg_devneg": "lowers"}
+    for q, word in says.items():
+        quad.add_row(q.replace("_", " / ").replace("dev", "dev "), f"{t[f'quad/{q}_share']:.3f}",
+                     f"{t[f'quad/{q}_pred']:+.3e}", word)
+    console.print(quad)
+    for title, rows in [("tokens that lower entropy most", sorted(pred.records, key=lambda r: r["pred"])[:top]),
+                        ("tokens that raise entropy most", sorted(pred.records, key=lambda r: -r["pred"])[:top])]:
+        tab = Table(title=title)
+        for c in ("context", "token", "p", "H", "S*", "E_p[S]", "A", "predicted dH"):
+            tab.add_column(c, justify="left" if c in ("context", "token") else "right")
+        for r in rows:
+            tab.add_row(f"{r['prompt']}[dim]{r['context']}[/dim]", repr(r["token"]), f"{r['p']:.3f}",
+                        f"{r['entropy']:.3f}", f"{r['disc']:+.4f}", f"{r['baseline']:+.4f}",
+                        f"{r['advantage']:+.2f}", f"{r['pred']:+.2e}")
+        console.print(tab)
+    if pred.applied:
+        a = pred.applied
+        app = Table(title="the step taken (--apply): predicted vs measured change of mean token entropy")
+        app.add_column("quantity")
+        app.add_column("value", justify="right")
+        for key, label in [("entropy/pred_logit", "logit level, positions independent (paper)"),
+                           ("entropy/pred_dz", "first order, measured logit change"),
+                           ("entropy/pred_param", "first order, measured parameter change"),
+                           ("entropy/measured", "measured")]:
+            app.add_row(label, f"{a[key]:+.4e}")
+        console.print(app)
+        console.print("[dim]The logit-level figure assumes plain gradient ascent at step lr moving each position "
+                      "alone; Adam's normalized steps and shared parameters make a real step larger and "
+                      "coupled: read its sign and its correlation over a run, not its size.[/dim]")
+
+
+def render_distribution(explained: dict, console, labels=None, top: int = 12) -> None:
+    """Theorem 3.2 for one distribution: which tokens, if rewarded, raise or lower entropy."""
+    from rich.table import Table
+
+    tab = Table(title=f"Theorem 3.2: H = {explained['entropy']:.4f} nats; rewarding a token with "
+                      f"p > exp(-H) = {explained['threshold_p']:.4f} lowers entropy")
+    for c in ("token", "p", "S = p(H + log p)", "dH/d eps if rewarded", "effect"):
+        tab.add_column(c, justify="left" if c in ("token", "effect") else "right")
+    for r in explained["rows"][:top]:
+        name = repr(labels[r["index"]]) if labels else f"#{r['index']}"
+        effect = "lowers" if r["dH_if_rewarded"] < 0 else "raises"
+        tab.add_row(name, f"{r['p']:.4f}", f"{r['disc']:+.5f}", f"{r['dH_if_rewarded']:+.5f}", effect)
+    console.print(tab)

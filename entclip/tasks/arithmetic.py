@@ -53,12 +53,10 @@ class ArithmeticTask:
 
     def __post_init__(self) -> None:
         if self.max_operand < 1:
-            raise EntclipError(
-                f"max_operand={self.max_operand}: needs at least 1; set max_operand=99 (the default)"
-            )
+            raise EntclipError(f"max_operand={self.max_operand}: must be at least 1; e.g. 99")
         total = (self.max_operand + 1) ** 2
         if self.n_test < 1:
-            raise EntclipError(f"n_test={self.n_test}: the test split needs at least 1 problem; set n_test=500")
+            raise EntclipError(f"n_test={self.n_test}: the test split needs a problem; e.g. 500")
         if total - self.n_test < MIN_TRAIN:
             # Smallest max_operand whose (m + 1)**2 problems cover n_test plus MIN_TRAIN.
             need = math.isqrt(self.n_test + MIN_TRAIN - 1)
@@ -66,8 +64,8 @@ class ArithmeticTask:
             if total - MIN_TRAIN >= 1:
                 fix = f"lower n_test to at most {total - MIN_TRAIN} or " + fix
             raise EntclipError(
-                f"n_test={self.n_test} leaves {total - self.n_test} of {total} problems for training "
-                f"(at least {MIN_TRAIN} needed); {fix}"
+                f"n_test={self.n_test} leaves {total - self.n_test} of {total} problems for "
+                f"training (at least {MIN_TRAIN} needed); {fix}"
             )
 
     @property

@@ -111,8 +111,8 @@ def build_tiny_model(
 def _check_heads(hidden: int, heads: int, kv_heads: int) -> None:
     if min(hidden, heads, kv_heads) < 1 or hidden % heads or heads % kv_heads:
         raise EntclipError(
-            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: hidden must be a multiple of heads "
-            f"and heads a multiple of kv_heads; e.g. hidden=128, heads=4, kv_heads=2"
+            f"hidden={hidden}, heads={heads}, kv_heads={kv_heads}: hidden must be a multiple of "
+            f"heads and heads a multiple of kv_heads; e.g. hidden=128, heads=4, kv_heads=2"
         )
 
 
@@ -135,22 +135,27 @@ class WarmStartSpec:
     kv_heads: int = 2  # key/value heads (grouped-query attention)
     ffn: int = 512  # MLP inner size
     # training
-    lr: float = 3e-3  # AdamW learning rate
+    lr: float = 3e-3  # AdamW learning rate (other AdamW settings are torch's defaults)
+    warmup_steps: int = 100  # linear lr warm-up (1 = none); without it lr 3e-3 stalls near 5%
+    grad_clip: float = 1.0  # max global gradient norm; without it loss spikes undo progress
     batch_size: int = 64  # sequences per step
     max_steps: int = 1500  # stop here if target_acc is never reached
     target_acc: float = 0.5  # stop at the first evaluation with greedy train accuracy >= this
-    eval_every: int = 50  # steps between greedy evaluations
+    eval_every: int = 10  # steps between greedy evaluations (~0.1 s each; stops nearer target)
     eval_n: int = 256  # train problems per evaluation (a fixed sample)
     seed: int = 0  # model init, batch order and evaluation sample
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "eval_n"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_n", "warmup_steps"):
             if getattr(self, name) < 1:
                 raise EntclipError(f"warm start {name}={getattr(self, name)}: must be at least 1")
-        if not self.lr > 0:
-            raise EntclipError(f"warm start lr={self.lr}: must be positive; e.g. lr=3e-3")
+        for name, example in (("lr", "3e-3"), ("grad_clip", "1.0")):
+            if not getattr(self, name) > 0:
+                value = getattr(self, name)
+                raise EntclipError(f"warm start {name}={value}: must be > 0; e.g. {example}")
         if not 0 < self.target_acc <= 1:
-            raise EntclipError(f"warm start target_acc={self.target_acc}: must be in (0, 1]; e.g. 0.5")
+            value = self.target_acc
+            raise EntclipError(f"warm start target_acc={value}: must be in (0, 1]; e.g. 0.5")
         _check_heads(self.hidden, self.heads, self.kv_heads)
         _ = self.task  # validates the task fields too
 
@@ -172,14 +177,16 @@ class WarmStartSpec:
 class WarmStartResult:
     """Where the warm-started model lies and how it got there (read back from warmstart.json)."""
 
-    path: Path  # a save_pretrained folder: model, config, generation config, tokenizer, warmstart.json
+    path: Path  # save_pretrained folder: model, config, generation config, tokenizer, MARKER
     accuracy: float  # greedy accuracy on the spec's evaluation sample of the train split
     steps: int  # optimizer steps taken
     seconds: float  # wall time of the training loop when it was built
     cached: bool  # True when this call found the folder instead of training
 
 
-def warm_start(spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None] = lambda s: None) -> WarmStartResult:
+def warm_start(
+    spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None] = lambda s: None
+) -> WarmStartResult:
     """Return the warm-started model for `spec`, training and caching it on first use.
 
     If `cache_root/<key>/warmstart.json` exists, nothing is loaded or trained (cached=True).
@@ -191,7 +198,9 @@ def warm_start(spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None]
     if (final / MARKER).exists():
         return _read_result(final, spec, log)
     if final.exists():
-        raise EntclipError(f"{final} exists but has no {MARKER} (damaged or not made by entclip); delete it and rerun")
+        raise EntclipError(
+            f"{final} exists but has no {MARKER} (damaged, or not entclip's); delete it and rerun"
+        )
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(
@@ -204,8 +213,8 @@ def warm_start(spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache entry should read like any folder
+        _save_quietly(model, tokenizer, tmp)
         record = {
             "format": FORMAT_VERSION,
             "key": final.name,
@@ -233,26 +242,41 @@ def warm_start(spec: WarmStartSpec, cache_root: Path, log: Callable[[str], None]
     return WarmStartResult(final, accuracy, steps, seconds, cached=False)
 
 
+def _save_quietly(model, tokenizer, folder: Path) -> None:
+    """save_pretrained without transformers' progress bar: library code reports through `log`."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _read_result(folder: Path, spec: WarmStartSpec, log: Callable[[str], None]) -> WarmStartResult:
     record = json.loads((folder / MARKER).read_text())
     if record.get("spec") != dataclasses.asdict(spec):
-        raise EntclipError(f"{folder / MARKER} holds a different spec (key collision?); delete {folder} and rerun")
+        raise EntclipError(f"{folder / MARKER} holds another spec; delete {folder} and rerun")
     log(f"warm start: cached {folder} (greedy accuracy {record['accuracy']:.3f})")
-    return WarmStartResult(folder, record["accuracy"], record["steps"], record["seconds"], cached=True)
+    return WarmStartResult(
+        folder, record["accuracy"], record["steps"], record["seconds"], cached=True
+    )
 
 
-def _encode_train(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _encode_train(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, ...]:
     """Right-padded `<bos>prompt answer<eos>` ids, attention mask and target mask.
 
     Returns ids (N, L), attention (N, L) and targets (N, L-1): targets[i, t] says whether token t+1
     is an answer character or <eos>, i.e. whether it is predicted and scored. Right padding keeps
     <bos> at position 0, which is where generation (left padding, positions from the mask) puts it.
     """
-    ids = tokenizer.convert_tokens_to_ids
-    rows, n_prompt = [], []
-    for p in problems:
-        rows.append([tokenizer.bos_token_id, *ids(list(p.prompt + p.answer)), tokenizer.eos_token_id])
-        n_prompt.append(1 + len(p.prompt))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chars = [tokenizer.convert_tokens_to_ids(list(p.prompt + p.answer)) for p in problems]
+    rows = [[bos, *c, eos] for c in chars]
+    n_prompt = [1 + len(p.prompt) for p in problems]  # <bos> and the prompt characters
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)  # (N, L)
     attention = torch.zeros((len(rows), length), dtype=torch.long)  # (N, L)
@@ -264,7 +288,9 @@ def _encode_train(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, tor
     return input_ids, attention, targets
 
 
-def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 256) -> float:
+def greedy_accuracy(
+    model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 256
+) -> float:
     """Share of problems whose greedy completion (KV-cached generate) verifies exactly."""
     was_training = model.training
     model.eval()
@@ -280,14 +306,18 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: i
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new = out[:, enc["input_ids"].shape[1] :]  # (B, <= max_new_tokens), <pad> after <eos>
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             right += sum(verify(t, p.answer) for t, p in zip(texts, chunk))
     model.train(was_training)
     return right / len(problems)
 
 
-def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]) -> tuple[int, float, list[dict]]:
-    """Supervised steps until greedy accuracy >= target_acc or max_steps; returns (steps, acc, history)."""
+def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]):
+    """Supervised steps until greedy accuracy >= target_acc, or max_steps.
+
+    Returns (steps, accuracy, history): the last evaluation is of the final weights.
+    """
     task = spec.task
     input_ids, attention, targets = _encode_train(task.train, tokenizer)
     # A fixed evaluation sample of the train split, so successive evaluations are comparable.
@@ -295,6 +325,9 @@ def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]) ->
     max_new = task.max_answer_chars + 1  # the answer and its <eos>
     gen = torch.Generator().manual_seed(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / spec.warmup_steps)  # linear warm-up, then flat
+    )
     model.train()
     order, pos = torch.randperm(len(input_ids), generator=gen), 0
     history: list[dict] = []
@@ -307,11 +340,13 @@ def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]) ->
         length = int(attention[idx].sum(1).max())  # trim the batch to its longest row
         x, m, t = input_ids[idx, :length], attention[idx, :length], targets[idx, : length - 1]
         logits = model(input_ids=x, attention_mask=m).logits[:, :-1]  # (B, L-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-        loss = (nll * t.flatten()).sum() / t.sum()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        loss = (nll * t).sum() / t.sum()  # mean over answer tokens and <eos> only
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
+        schedule.step()
         if step % spec.eval_every == 0 or step == spec.max_steps:
             accuracy = greedy_accuracy(model, tokenizer, eval_problems, max_new)
             history.append({"step": step, "loss": loss.item(), "accuracy": accuracy})

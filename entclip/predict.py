@@ -1,0 +1,149 @@
+"""`entclip predict-entropy`: what one GRPO step would do to entropy, token by token, and what it did.
+
+One step here is one optimizer update on the whole sampled batch (on-policy, ratio 1), with the
+configured aggregation, token filter, optimizer and learning rate. Per-token predictions are Theorem
+3.3's first-order contributions to the change of Hbar (mean token entropy over the batch's valid
+response tokens), so the records add up to the reported total. `--apply` takes the step and measures.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from entclip import losses, theory
+from entclip.accounting import QUADRANTS, loss_weights
+from entclip.config import Config
+from entclip.errors import EntclipError
+from entclip.tasks.arithmetic import Problem
+
+
+@dataclass
+class Prediction:
+    records: list[dict[str, Any]]      # one per valid response token
+    totals: dict[str, float]           # pred_logit, drive, quadrants, counts
+    applied: dict[str, float] | None   # measured vs predicted after --apply
+
+
+def resolve_model(arg: str | None) -> str | None:
+    """None -> the built-in model; a run directory -> its latest checkpoint; else the folder or id."""
+    if arg is None:
+        return None
+    path = Path(arg).expanduser()
+    if arg.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise EntclipError(f"model path {arg} does not exist; give a run directory, a checkpoint or model folder")
+    if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
+        ckpts = sorted(p for p in (path / "checkpoints").iterdir() if p.name.startswith("step_"))
+        if not ckpts:
+            raise EntclipError(f"run directory {path} has no checkpoint yet; give a finished run")
+        return str(ckpts[-1])
+    if path.exists() and not (path / "config.json").exists():
+        raise EntclipError(f"{path} is neither a run directory nor a model folder (no config.json)")
+    return arg
+
+
+def load_problems(source: str, train: list[Problem], n: int, seed: int) -> list[Problem]:
+    """'builtin' -> n problems of the task's train split; a .jsonl (prompt, answer) or .tsv file."""
+    if source == "builtin":
+        return random.Random(seed).sample(train, min(n, len(train)))
+    path = Path(source)
+    if not path.is_file():
+        raise EntclipError(f"prompts file {path} not found; give 'builtin' or a .jsonl/.tsv file")
+    rows: list[Problem] = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+                rows.append(Problem(str(obj["prompt"]), str(obj["answer"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EntclipError(f"{path} line {i}: expected a JSON object with 'prompt' and 'answer'") from None
+        else:
+            prompt, sep, answer = line.partition("\t")
+            if not sep:
+                raise EntclipError(f"{path} line {i}: expected 'prompt<TAB>answer' (or use a .jsonl file)")
+            rows.append(Problem(prompt, answer))
+    if not rows:
+        raise EntclipError(f"prompts file {path} holds no prompts")
+    return rows[:n]
+
+
+def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply: bool,
+            log=lambda s: None) -> Prediction:
+    from entclip.engine import Trainer, derive_seed, token_filter
+
+    if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1:
+        raise ValueError("predict: one update on the whole batch needs prompts_per_step == len(problems), "
+                         "minibatches == epochs == 1")
+    trainer = Trainer(cfg, None, log, model_path=model_path)
+    torch.manual_seed(derive_seed(cfg.seed, "predict"))
+    roll, rewards, _ = trainer.rollout_problems(problems)
+    adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(roll.completion_ids.device)
+    mask = roll.completion_mask  # (B, T)
+    adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
+    stats, account = trainer.batch_stats(roll, account=apply)
+    keep, filt = token_filter(cfg, trainer.accelerator, stats, adv_tok, mask)
+    loss_mask = mask * keep
+    n_valid = max(int(mask.sum()), 1)
+    weights = loss_weights(loss_mask, cfg.loss_agg, cfg.agg_constant)  # one update on the batch
+    unit = theory.grpo_logit_delta(stats.disc, stats.baseline, adv_tok, 1.0, 1.0, cfg.temperature)
+    drive = unit * weights * loss_mask / n_valid  # (B, T) without the learning rate
+    contrib = cfg.lr * drive
+    records = _records(trainer.tokenizer, roll, stats, adv_tok, keep, contrib, cfg.group_size)
+    dev_sign, adv_sign = torch.sign(stats.disc - stats.baseline), torch.sign(adv_tok)
+    valid = mask.bool()
+    totals: dict[str, float] = {
+        "tokens": n_valid, "sequences": int(mask.shape[0]), "reward/mean": float(rewards.mean()),
+        "entropy/mean": float(stats.entropy[valid].mean()), "lr": cfg.lr,
+        "entropy/pred_logit": float(contrib.sum()), "entropy/pred_logit_drive": float(drive.sum()),
+        "disc/mean": float(stats.disc[valid].mean()),
+        "disc/dev_mean": float((stats.disc - stats.baseline)[valid].mean()), **filt}
+    for name, (a, d) in QUADRANTS.items():
+        q = valid & (adv_sign == a) & (dev_sign == d)
+        totals[f"quad/{name}_share"] = float(q.sum()) / n_valid
+        totals[f"quad/{name}_pred"] = float(contrib[q].sum())
+    applied = None
+    if apply:
+        trainer.update(1, roll, stats, adv_tok, loss_mask, account)
+        new_logits, h_new = trainer.entropy_after(roll)
+        applied = account.finish(new_logits, h_new, [p.detach() for p in trainer.model.parameters()],
+                                 stats, adv_tok, mask, cfg.temperature)
+    return Prediction(records, totals, applied)
+
+
+def _records(tokenizer, roll, stats, adv_tok, keep, contrib, group_size: int) -> list[dict[str, Any]]:
+    out = []
+    ids = roll.completion_ids.tolist()
+    for b, t in roll.completion_mask.nonzero().tolist():
+        out.append({
+            "prompt_index": b // group_size, "sample": b % group_size, "position": t,
+            "prompt": roll.prompts[b], "context": tokenizer.decode(ids[b][:t], skip_special_tokens=True),
+            "token": tokenizer.decode([ids[b][t]]), "p": float(stats.old_logp[b, t].exp()),
+            "entropy": float(stats.entropy[b, t]), "disc": float(stats.disc[b, t]),
+            "baseline": float(stats.baseline[b, t]),
+            "deviation": float(stats.disc[b, t] - stats.baseline[b, t]),
+            "advantage": float(adv_tok[b, t]), "kept": bool(keep[b, t]), "pred": float(contrib[b, t])})
+    return out
+
+
+def explain_distribution(logits: torch.Tensor, temperature: float = 1.0) -> dict[str, Any]:
+    """Theorem 3.2 for one distribution: per token i, dH/d(eps) if logit i were raised (rewarded).
+
+    logits (V,). Returns H, exp(-H) (the probability above which rewarding a token lowers entropy)
+    and rows sorted by p: p_i, S_i, dH/deps = -S_i / T.
+    """
+    logits = logits.double()
+    p = torch.softmax(logits / temperature, -1)
+    h = float(-(p * torch.log_softmax(logits / temperature, -1)).sum())
+    ks = torch.arange(logits.shape[-1])
+    delta = theory.single_logit_delta(logits.expand(len(ks), -1), ks, temperature)  # (V,)
+    order = torch.argsort(p, descending=True).tolist()
+    rows = [{"index": i, "p": float(p[i]), "disc": float(-delta[i] * temperature), "dH_if_rewarded": float(delta[i]),
+             "dH_if_penalized": float(-delta[i])} for i in order]
+    return {"entropy": h, "threshold_p": float(torch.exp(torch.tensor(-h))), "rows": rows}
