@@ -23,6 +23,75 @@ def _edge_means(series: list[tuple[int, float]], frac: float = 0.1) -> tuple[flo
     return _mean([v for _, v in series[:n]]), _mean([v for _, v in series[-n:]])
 
 
+def pearson(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    if va == 0 or vb == 0:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def calibration(pred: list[float], measured: list[float]) -> dict[str, Any]:
+    """How well a predicted entropy change tracks the measured one across steps.
+
+    pearson / spearman correlation, sign agreement (share of steps with the same sign) and the
+    least-squares slope of measured on predicted (1 = calibrated magnitude).
+    """
+    n = len(pred)
+    mp = sum(pred) / n if n else 0.0
+    var = sum((x - mp) ** 2 for x in pred)
+    slope = None
+    if n >= 2 and var > 0:
+        mm = sum(measured) / n
+        slope = sum((x - mp) * (y - mm) for x, y in zip(pred, measured)) / var
+    return {"n": n, "pearson": pearson(pred, measured), "spearman": pearson(_ranks(pred), _ranks(measured)),
+            "sign_agreement": sum((x > 0) == (y > 0) for x, y in zip(pred, measured)) / n if n else None,
+            "slope": slope}
+
+
+QUADS = ("pos_devpos", "pos_devneg", "neg_devpos", "neg_devneg")
+
+
+def _entropy_accounting(m: list[dict[str, Any]], segments: int = 4) -> dict[str, Any]:
+    rows = [r for r in m if isinstance(r.get("entropy/measured"), (int, float))]
+    if not rows:
+        return {}
+    measured = [r["entropy/measured"] for r in rows]
+    out: dict[str, Any] = {"calibration": {}}
+    for key in ("entropy/pred_logit", "entropy/pred_dz", "entropy/pred_param"):
+        pairs = [(r[key], r["entropy/measured"]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pairs:
+            out["calibration"][key] = calibration([p for p, _ in pairs], [y for _, y in pairs])
+    out["measured_total"] = sum(measured)
+    quads = []
+    size = max(1, -(-len(rows) // segments))
+    for i in range(0, len(rows), size):
+        seg = rows[i:i + size]
+        row = {"steps": f"{seg[0]['step']}-{seg[-1]['step']}"}
+        for q in QUADS:
+            row[f"{q}_share"] = _mean([r.get(f"quad/{q}_share", 0.0) for r in seg])
+            row[f"{q}_pred"] = sum(r.get(f"quad/{q}_pred", 0.0) for r in seg)
+        quads.append(row)
+    out["quadrants"] = quads
+    return out
+
+
 def summarize(run: LoadedRun, points: int = 6) -> dict[str, Any]:
     """Everything `entclip analyze` shows, as plain data. Tolerates missing keys."""
     m = run.metrics
@@ -59,6 +128,13 @@ def summarize(run: LoadedRun, points: int = 6) -> dict[str, Any]:
         idx = sorted({round(i * (len(m) - 1) / max(points - 1, 1)) for i in range(points)})
         cols = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac"]
         out["trajectory"] = [{"step": m[i].get("step"), **{c: m[i].get(c) for c in cols}} for i in idx]
+    dev, disc = [v for _, v in _col(m, "disc/dev_mean")], [v for _, v in _col(m, "disc/mean")]
+    if dev and disc:  # Corollary 3.5: on-policy the deviation averages to ~0, S* does not
+        out["corollary_3_5"] = {"dev_mean": _mean(dev), "disc_mean": _mean(disc),
+                                "ratio": _mean(dev) / _mean(disc) if _mean(disc) else None}
+    acct = _entropy_accounting(m)
+    if acct:
+        out["entropy_accounting"] = acct
     if run.evals:
         out["eval"] = {"first": run.evals[0], "last": run.evals[-1]}
     return out
@@ -106,6 +182,30 @@ def render(summary: dict[str, Any], console) -> None:
         for row in summary["trajectory"]:
             traj.add_row(*[_fmt(row[c]) for c in cols])
         console.print(traj)
+    if summary.get("corollary_3_5"):
+        c = summary["corollary_3_5"]
+        console.print(f"Corollary 3.5: mean deviation S* - E_p[S] {c['dev_mean']:+.3e} vs mean S* "
+                      f"{c['disc_mean']:+.3e} (ratio {_fmt(c['ratio'])})")
+    acct = summary.get("entropy_accounting")
+    if acct:
+        cal = Table(title="entropy change per step: predicted vs measured "
+                          f"({acct['calibration'].get('entropy/pred_param', {}).get('n', 0)} accounted steps)")
+        for c in ("prediction", "pearson", "spearman", "sign agreement", "slope"):
+            cal.add_column(c, justify="left" if c == "prediction" else "right")
+        labels = {"entropy/pred_logit": "logit level, positions independent (paper)",
+                  "entropy/pred_dz": "first order, measured logit change",
+                  "entropy/pred_param": "first order, measured parameter change"}
+        for key, c in acct["calibration"].items():
+            cal.add_row(labels[key], _fmt(c["pearson"]), _fmt(c["spearman"]), _fmt(c["sign_agreement"]),
+                        f"{c['slope']:.3g}" if c["slope"] is not None else "-")
+        console.print(cal)
+        quad = Table(title="quadrants over the run: token share / summed logit-level prediction")
+        quad.add_column("steps")
+        for q in QUADS:
+            quad.add_column(q.replace("_", " / "), justify="right")
+        for row in acct["quadrants"]:
+            quad.add_row(row["steps"], *[f"{row[f'{q}_share']:.3f} / {row[f'{q}_pred']:+.2e}" for q in QUADS])
+        console.print(quad)
     if summary.get("eval"):
         ev = Table(title="held-out evaluation")
         first, last = summary["eval"]["first"], summary["eval"]["last"]

@@ -34,7 +34,7 @@ def test_shipped_presets_resolve():
     assert {"clip-b", "clip-v", "clip-b-active", "clip-v-active"} <= set(names)
     for name in names:
         cfg = resolve(preset=name)
-        assert cfg.entropy_control in ("clip_b", "clip_v", "none")
+        assert cfg.entropy_control in ("clip_b", "clip_v", "sign", "none")
     assert resolve(preset="clip-v").clip_v_mu == 8.5 and resolve(preset="clip-v").clip_v_max_frac == 1e-4
 
 
