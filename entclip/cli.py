@@ -153,9 +153,13 @@ def analyze(
 def predict_entropy(
     model: Optional[str] = typer.Argument(None, help="run directory, checkpoint or model folder, or "
                                           "Hugging Face id (default: the built-in tiny model)"),
-    prompts: str = typer.Option("builtin", help="'builtin' (the task's train split), a .jsonl file with "
-                                "prompt and answer fields, or a .tsv file of prompt<TAB>answer"),
-    n_prompts: int = typer.Option(8, help="prompts to sample"),
+    prompts: str = typer.Option("builtin", help="'builtin' (the task's train split), a .jsonl/.json/.csv/"
+                                ".parquet file or dataset id with prompt and answer columns, or a .tsv "
+                                "file of prompt<TAB>answer"),
+    n_prompts: int = typer.Option(8, help="prompts to use (the first n of a file or dataset)"),
+    prompt_field: str = typer.Option("prompt", help="prompt column of a file or dataset"),
+    answer_field: str = typer.Option("answer", help="reference-answer column of a file or dataset"),
+    split: str = typer.Option("train", help="split of a Hugging Face dataset id"),
     group_size: Optional[int] = typer.Option(None, help="samples per prompt (G)"),
     out: Optional[Path] = typer.Option(None, help="write per-token records to this JSONL file"),
     apply: bool = typer.Option(False, "--apply", help="take the step and report measured vs predicted"),
@@ -211,7 +215,7 @@ def predict_entropy(
         from entclip.tasks.arithmetic import ArithmeticTask
 
         task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
-        problems = load_problems(prompts, task.train, n_prompts, cfg.seed)
+        problems = load_problems(prompts, task.train, n_prompts, cfg.seed, prompt_field, answer_field, split)
         cfg = resolve(preset=preset, config_file=config, flags=flags,
                       sets=[*sets, f"prompts_per_step={len(problems)}"])
         pred = predict(cfg, model_path, problems, apply, log=lambda s: None)
@@ -232,7 +236,7 @@ def predict_entropy(
 def _explain_position(cfg, model_path, prompt: str, console, top: int, as_json: bool) -> None:
     import torch
 
-    from entclip.engine import load_folder, load_policy
+    from entclip.models import load_folder, load_policy
     from entclip.predict import explain_distribution
     from entclip.report import render_distribution
 

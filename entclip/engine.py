@@ -26,6 +26,7 @@ from entclip import losses, theory
 from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import EntclipError
+from entclip.models import load_folder, load_policy, quiet_libraries
 from entclip.rollout import Rollout, completion_logits, sample
 from entclip.rundir import RunDir, write_json_atomic
 
@@ -48,51 +49,6 @@ class BatchStats:
     disc: torch.Tensor
     baseline: torch.Tensor
     ref_logp: torch.Tensor | None
-
-
-def cache_root(cfg: Config) -> Path:
-    root = cfg.cache_dir or os.environ.get("ENTCLIP_CACHE") or Path.home() / ".cache" / "entclip"
-    return Path(root)
-
-
-def load_policy(cfg: Config, log: Log):
-    """The embedded default: the tiny model after its (cached) supervised warm start."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from entclip.tasks.tiny import WarmStartSpec, warm_start
-
-    _quiet_libraries()
-    heads = cfg.tiny_heads
-    spec = WarmStartSpec(max_operand=cfg.max_operand, n_test=cfg.n_test, hidden=cfg.tiny_hidden,
-                         layers=cfg.tiny_layers, heads=heads, kv_heads=heads // 2 if heads % 2 == 0 else heads,
-                         ffn=cfg.tiny_ffn, lr=cfg.warmup_lr, max_steps=cfg.warmup_max_steps,
-                         target_acc=cfg.warmup_target_acc, seed=cfg.seed)
-    ws = warm_start(spec, cache_root(cfg) / "warmstart", log=log)
-    log(f"warm start: {'cached' if ws.cached else 'trained'} {ws.path} "
-        f"(greedy train accuracy {ws.accuracy:.2f} after {ws.steps} steps)")
-    model = AutoModelForCausalLM.from_pretrained(ws.path)
-    tokenizer = AutoTokenizer.from_pretrained(ws.path)
-    return model, tokenizer, {"path": str(ws.path), "accuracy": ws.accuracy, "steps": ws.steps,
-                              "seconds": ws.seconds, "cached": ws.cached}
-
-
-def load_folder(path: str):
-    """A causal LM and its tokenizer from a local save_pretrained folder (no remote code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_libraries()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint "
-                           "folder or a model folder on this machine (the Hugging Face hub may be "
-                           "unreachable offline)") from None
-    tokenizer.padding_side = "left"  # generation appends on the right
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, {"path": str(path)}
 
 
 def _gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +98,7 @@ class Trainer:
         from entclip.tasks.arithmetic import ArithmeticTask
 
         self.cfg, self.run_dir, self.log, self.on_step = cfg, run, log, on_step
-        _quiet_libraries()
+        quiet_libraries()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -354,14 +310,6 @@ class Trainer:
             os.replace(tmp, final)
         self.accelerator.wait_for_everyone()
         return final
-
-
-def _quiet_libraries() -> None:
-    """Our console reports progress; the libraries' own bars and notices would interleave with it."""
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def _lr_factor(cfg: Config, i: int, total: int) -> float:

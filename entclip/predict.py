@@ -8,7 +8,6 @@ response tokens), so the records add up to the reported total. `--apply` takes t
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,31 +46,60 @@ def resolve_model(arg: str | None) -> str | None:
     return arg
 
 
-def load_problems(source: str, train: list[Problem], n: int, seed: int) -> list[Problem]:
-    """'builtin' -> n problems of the task's train split; a .jsonl (prompt, answer) or .tsv file."""
+def load_problems(source: str, train: list[Problem], n: int, seed: int, prompt_field: str = "prompt",
+                  answer_field: str = "answer", split: str = "train") -> list[Problem]:
+    """The first n problems of a source, each with the reference answer its reward needs.
+
+    'builtin': n problems drawn from the task's train split. A .tsv file: prompt<TAB>answer lines.
+    A .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id: read through `datasets`,
+    with `prompt_field` / `answer_field` columns.
+    """
     if source == "builtin":
         return random.Random(seed).sample(train, min(n, len(train)))
     path = Path(source)
-    if not path.is_file():
-        raise EntclipError(f"prompts file {path} not found; give 'builtin' or a .jsonl/.tsv file")
-    rows: list[Problem] = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                obj = json.loads(line)
-                rows.append(Problem(str(obj["prompt"]), str(obj["answer"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise EntclipError(f"{path} line {i}: expected a JSON object with 'prompt' and 'answer'") from None
-        else:
+    if path.suffix == ".tsv":
+        if not path.is_file():
+            raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file")
+        rows = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
             prompt, sep, answer = line.partition("\t")
-            if not sep:
-                raise EntclipError(f"{path} line {i}: expected 'prompt<TAB>answer' (or use a .jsonl file)")
-            rows.append(Problem(prompt, answer))
+            if line.strip() and not sep:
+                raise EntclipError(f"{path} line {i}: expected 'prompt<TAB>answer'")
+            if line.strip():
+                rows.append(Problem(prompt, answer))
+    else:
+        rows = [Problem(str(r[prompt_field]), str(r[answer_field]))
+                for r in _dataset_rows(source, prompt_field, answer_field, split)]
     if not rows:
-        raise EntclipError(f"prompts file {path} holds no prompts")
+        raise EntclipError(f"{source} holds no prompts; give a non-empty file or 'builtin'")
     return rows[:n]
+
+
+def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str):
+    import datasets
+
+    from entclip.models import quiet_libraries
+
+    quiet_libraries()
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    path = Path(source)
+    if path.suffix in kinds and not path.is_file():
+        raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file")
+    datasets.disable_progress_bars()
+    try:
+        if path.suffix in kinds:
+            ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as exc:  # datasets raises many types: parse errors, offline hub, missing split
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EntclipError(f"cannot read prompts from {source!r} ({first}); give 'builtin', a local "
+                           ".jsonl/.csv/.parquet/.tsv file, or a reachable dataset id") from None
+    missing = [f for f in (prompt_field, answer_field) if f not in ds.column_names]
+    if missing:
+        raise EntclipError(f"{source} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+                           "pass --prompt-field / --answer-field")
+    return ds
 
 
 def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply: bool,

@@ -60,6 +60,17 @@ def test_prompts_file_with_answers(finished_run, tmp_path):
     assert json.loads(res.output)["totals"]["sequences"] == 2 * 4
 
 
+def test_prompts_from_a_csv_with_named_columns_and_a_missing_column(finished_run, tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("question,solution\n3+4=,7\n10+5=,15\n1+1=,2\n")
+    args = ["predict-entropy", str(finished_run), "--prompts", str(prompts), "--n-prompts", "2", "--json"]
+    res = runner.invoke(app, [*args, "--prompt-field", "question", "--answer-field", "solution"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["totals"]["sequences"] == 2 * 4
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "no column 'prompt'" in res.output
+
+
 def test_theorem_3_2_mode_for_given_logits():
     res = runner.invoke(app, ["predict-entropy", "--logits", "3,1,0.5,0", "--json"])
     assert res.exit_code == 0, res.output
@@ -79,6 +90,7 @@ def test_theorem_3_2_mode_at_a_prompt_position(finished_run):
     (["predict-entropy", "/nonexistent/model"], "does not exist"),
     (["predict-entropy", "--logits", "a,b"], "comma-separated"),
     (["predict-entropy", "--prompts", "/nonexistent.jsonl"], "not found"),
+    (["predict-entropy", "--prompts", "/nonexistent.tsv"], "not found"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):
     res = runner.invoke(app, args)
