@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from entclip.errors import EntclipError
+from entclip.errors import INTERRUPTED, EntclipError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GRPO with entropy-discriminator clipping (arXiv 2602.03392) and entropy instruments.")
@@ -35,8 +35,12 @@ def _user_errors(debug: bool) -> Iterator[None]:
     except EntclipError as exc:
         if debug:
             raise
-        _stderr().print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        label = "[yellow]stopped:[/yellow]" if exc.exit_code == INTERRUPTED else "[red]error:[/red]"
+        _stderr().print(f"{label} {exc}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _stderr().print("[yellow]stopped:[/yellow] interrupted (nothing half-written is kept)", soft_wrap=True)
+        raise typer.Exit(INTERRUPTED) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as exc:  # a bug or an environment failure: still one line unless --debug
@@ -90,6 +94,7 @@ def train(
     name: Optional[str] = typer.Option(None, help="run directory name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory of the same name"),
+    resume: Optional[Path] = typer.Option(None, help="continue this run directory from its latest checkpoint"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the run directory at the end"),
     help_config: bool = typer.Option(False, "--help-config", help="list every config key and exit"),
     debug: bool = typer.Option(False, help="show tracebacks"),
@@ -104,7 +109,16 @@ def train(
             return
         flags = dict(steps=steps, seed=seed, lr=lr, group_size=group_size,
                      entropy_control=entropy_control, out_dir=out_dir, name=name)
+        if resume is not None:
+            given = [k for k, v in {**flags, "preset": preset, "config": config, "set": set_ or None}.items()
+                     if v is not None]
+            if given or overwrite or dry_run:
+                raise EntclipError(f"--resume continues a run with its own config.yaml; drop "
+                                   f"--{(given or ['overwrite' if overwrite else 'dry-run'])[0].replace('_', '-')}")
+            _resume(resume, quiet)
+            return
         cfg = resolve(preset=preset, config_file=config, flags=flags, sets=set_)
+        _check_task(cfg)
         path = _run_path(cfg)
         if dry_run:
             typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + _plan(cfg, path))
@@ -117,16 +131,45 @@ def train(
         run.write_config(cfg.to_yaml())
         with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
             summary = run_train(cfg, run, log=progress.log, on_step=progress.step)
-        if quiet:
-            typer.echo(str(path))
-        else:
-            f = summary["final"]
-            ev = summary["eval_last"]
-            typer.echo(f"done in {summary['wall_s']:.1f} s: entropy {summary['entropy']['first']:.3f} -> "
-                       f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, held-out greedy "
-                       f"accuracy {summary['eval_first']['test/greedy_acc']:.3f} -> {ev['test/greedy_acc']:.3f}, "
-                       f"filter share {f['clip/filter_frac']:.4f}")
-            typer.echo(f"run directory: {path}  (entclip analyze {path})")
+        _report_done(summary, path, quiet)
+
+
+def _check_task(cfg) -> None:
+    """Validate the task's settings before anything is written."""
+    from entclip.tasks.arithmetic import ArithmeticTask
+
+    ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+
+
+def _resume(path: Path, quiet: bool) -> None:
+    from entclip.config import resolve
+    from entclip.console import Progress
+    from entclip.engine import train as run_train
+    from entclip.rundir import CONFIG, RunDir, checkpoint_step, latest_checkpoint
+
+    if (path / CONFIG).exists():
+        cfg = resolve(config_file=str(path / CONFIG))
+        ckpt = latest_checkpoint(path)
+        if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
+            raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "
+                               "start a new run to train further")
+    run, ckpt = RunDir.reopen(path)
+    cfg = resolve(config_file=str(path / CONFIG))
+    with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
+        summary = run_train(cfg, run, log=progress.log, on_step=progress.step, resume_from=ckpt)
+    _report_done(summary, path, quiet)
+
+
+def _report_done(summary: dict, path: Path, quiet: bool) -> None:
+    if quiet:
+        typer.echo(str(path))
+        return
+    f, ev0, ev = summary["final"], summary["eval_first"], summary["eval_last"]
+    typer.echo(f"done in {summary['wall_s']:.1f} s: entropy {summary['entropy']['first']:.3f} -> "
+               f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, held-out greedy "
+               f"accuracy {ev0['test/greedy_acc']:.3f} -> {ev['test/greedy_acc']:.3f}, "
+               f"filter share {f['clip/filter_frac']:.4f}")
+    typer.echo(f"run directory: {path}  (entclip analyze {path})")
 
 
 @app.command()

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from entclip.errors import EntclipError
+from entclip.errors import NOT_FOUND, EntclipError
 
 
 def _f(default: Any, help: str) -> Any:
@@ -36,6 +36,8 @@ class Config:
     log_every: int = _f(10, "console line / progress refresh cadence in steps")
     eval_every: int = _f(50, "held-out evaluation cadence in steps (0 = only at the end)")
     save_every: int = _f(0, "checkpoint cadence in steps (0 = only the final checkpoint)")
+    keep_checkpoints: int = _f(2, "keep only the newest K checkpoints (0 = keep all)")
+    max_nonfinite: int = _f(3, "stop after this many non-finite updates in a row (each is skipped)")
     samples_per_step: int = _f(2, "rollouts per step written to samples.jsonl")
     # ---- task and model -------------------------------------------------------------------
     task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task")
@@ -130,11 +132,12 @@ def _need(ok: bool, message: str) -> None:
 def _validate(c: Config) -> None:
     positive = ["steps", "log_every", "samples_per_step", "max_operand", "n_test", "tiny_hidden",
                 "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_max_steps", "prompts_per_step",
-                "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k", "accounting_every"]
+                "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k", "accounting_every",
+                "max_nonfinite"]
     for name in positive:
         value = getattr(c, name)
         _need(value >= 1, f"{name}={value}: must be at least 1; set --set {name}={FIELDS[name].default}")
-    for name in ["threads", "eval_every", "save_every", "lr_warmup_steps", "weight_decay",
+    for name in ["threads", "eval_every", "save_every", "keep_checkpoints", "lr_warmup_steps", "weight_decay",
                  "max_grad_norm", "kl_coef", "eps_high"]:
         value = getattr(c, name)
         _need(value >= 0, f"{name}={value}: must not be negative; set --set {name}={FIELDS[name].default}")
@@ -238,7 +241,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise EntclipError(f"cannot read {what} {path}: {exc.strerror}; check the path") from None
+        raise EntclipError(f"cannot read {what} {path}: {exc.strerror}; check the path", NOT_FOUND) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

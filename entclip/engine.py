@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ import torch
 from entclip import losses, theory
 from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
-from entclip.errors import EntclipError
+from entclip.errors import FAILED, INTERRUPTED, EntclipError
 from entclip.models import load_folder, load_policy, quiet_libraries
 from entclip.rollout import Rollout, completion_logits, sample
-from entclip.rundir import RunDir, write_json_atomic
+from entclip.rundir import RunDir, load_trainer_state, save_checkpoint
 
 Log = Callable[[str], None]
 OnStep = Callable[[int, dict[str, float]], None]
@@ -91,8 +90,9 @@ class Trainer:
     """Holds the objects of one run; `run()` is the loop. Built by `train()`."""
 
     def __init__(self, cfg: Config, run: RunDir | None, log: Log, on_step: OnStep = lambda s, m: None,
-                 model_path: str | None = None):
-        """`model_path`: a save_pretrained folder to start from instead of the warm-started tiny model."""
+                 model_path: str | None = None, resume: bool = False):
+        """`model_path`: a save_pretrained folder to start from instead of the warm-started tiny model;
+        with `resume` it is the run's checkpoint and the KL reference stays the run's own start."""
         from accelerate import Accelerator
 
         from entclip.tasks.arithmetic import ArithmeticTask
@@ -111,12 +111,16 @@ class Trainer:
         model, self.tokenizer, self.warm_start = load(log)
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = load(lambda s: None)[0].to(self.accelerator.device).eval()
+            ref_load = (lambda lg: load_policy(cfg, lg)) if resume else load
+            self.ref = ref_load(lambda s: None)[0].to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.opt = self.accelerator.prepare(model, opt)
         total = cfg.steps * cfg.epochs * cfg.minibatches
         self.accounting_s = 0.0  # time the current step spent on entropy accounting
+        self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient, whole run
+        self.nonfinite_streak = 0  # ... in a row, up to now
+        self.stop_requested = False  # set by Ctrl-C: stop after the current step
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     @property
@@ -199,7 +203,7 @@ class Trainer:
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step))
         acc: dict[str, float] = {}
-        n_updates = 0
+        n_updates = skipped = 0
         self.model.train()
         for _ in range(cfg.epochs):
             order = torch.randperm(ids.shape[0], generator=gen).to(ids.device)
@@ -215,15 +219,25 @@ class Trainer:
                     per_token = per_token + cfg.kl_coef * kl
                 m = loss_mask[rows]
                 loss = losses.aggregate(per_token, m, cfg.loss_agg, cfg.agg_constant)
+                self.accelerator.backward(loss)
+                clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
+                if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
+                    # Skip the update (parameters and optimizer state untouched), count it.
+                    self.opt.zero_grad(set_to_none=True)
+                    self.nonfinite_total += 1
+                    self.nonfinite_streak += 1
+                    skipped += 1
+                    if self.nonfinite_streak >= cfg.max_nonfinite:
+                        raise NonFiniteStop(step)
+                    continue
+                self.nonfinite_streak = 0
                 if account is not None:
                     t_acc = time.perf_counter()
                     account.add_update(rows, logits, roll.completion_ids[rows], adv_tok[rows], surr, m,
                                        loss_weights(m, cfg.loss_agg, cfg.agg_constant),
                                        self.sched.get_last_lr()[0], cfg.temperature)
                     self.accounting_s += time.perf_counter() - t_acc
-                self.accelerator.backward(loss)
-                clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -238,8 +252,10 @@ class Trainer:
                 for k, v in row.items():
                     acc[k] = acc.get(k, 0.0) + v
                 n_updates += 1
-        out = {k: v / n_updates for k, v in acc.items()}
+        out = {k: v / max(n_updates, 1) for k, v in acc.items()}  # over the updates taken
         out["train/updates"] = n_updates
+        out["train/skipped_updates"] = skipped
+        out["train/nonfinite_total"] = self.nonfinite_total
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
@@ -296,20 +312,51 @@ class Trainer:
             self.run_dir.append("eval.jsonl", row)
         return row
 
-    def save(self, step: int) -> Path:
-        """save_pretrained (safetensors) + tokenizer + trainer_state.pt, renamed into place."""
+    def save(self, step: int, wall_s: float) -> Path:
+        """A complete checkpoint: weights, tokenizer and everything an exact resume needs."""
         final = self.run_dir.checkpoint_dir(step)
         if self.accelerator.is_main_process:
-            tmp = final.with_name(f".{final.name}.tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            self.policy.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save({"step": step, "optimizer": self.opt.state_dict(),
-                        "scheduler": self.sched.state_dict()}, tmp / "trainer_state.pt")
-            write_json_atomic(tmp / "entclip_checkpoint.json", {"step": step, "format": 1})
-            os.replace(tmp, final)
+            state = {"format": 1, "step": step, "wall_s": wall_s, "optimizer": self.opt.state_dict(),
+                     "scheduler": self.sched.state_dict(), "rng": _rng_state(),
+                     "nonfinite_total": self.nonfinite_total, "warm_start": self.warm_start}
+            save_checkpoint(final, self.policy, self.tokenizer, state, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
+
+    def restore(self, ckpt: Path) -> dict[str, Any]:
+        """Optimizer, scheduler, RNG and counters from a checkpoint (weights were loaded already).
+
+        The data position needs no state: each step's prompts and samples derive from (seed, step).
+        """
+        state = load_trainer_state(ckpt)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.nonfinite_total = state["nonfinite_total"]
+        self.warm_start = state["warm_start"]
+        return state
+
+
+class NonFiniteStop(Exception):
+    """Too many non-finite updates in a row; carries the step it happened in."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _lr_factor(cfg: Config, i: int, total: int) -> float:
@@ -339,41 +386,93 @@ def _rollout_metrics(cfg: Config, rewards: torch.Tensor, correct: list[bool], st
             "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
 
 
-def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None) -> dict[str, Any]:
-    """Run GRPO per `cfg` into `run`; return the summary (also written to summary.json)."""
+def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None,
+          resume_from: Path | None = None) -> dict[str, Any]:
+    """Run GRPO per `cfg` into `run` (or continue it from checkpoint `resume_from`); return the summary.
+
+    Ctrl-C stops after the current step with a checkpoint (EntclipError, exit 130); too many
+    non-finite updates in a row stop with a checkpoint of the last good parameters (exit 1).
+    """
+    import signal
+
+    trainer = Trainer(cfg, run, log, on_step, model_path=str(resume_from) if resume_from else None,
+                      resume=resume_from is not None)
+    t_start, wall_before, start = time.perf_counter(), 0.0, 1
+    if resume_from is not None:
+        state = trainer.restore(resume_from)
+        start, wall_before = state["step"] + 1, state["wall_s"]
+        log(f"resuming {run.path} after step {state['step']}")
+    else:
+        trainer.evaluate(0)
+    elapsed = lambda: wall_before + time.perf_counter() - t_start  # noqa: E731
+
+    def request_stop(signum, frame):
+        if trainer.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        log("Ctrl-C: stopping after this step (press again to abort at once)")
+
+    previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
+    step = start - 1
+    try:
+        for step in range(start, cfg.steps + 1):
+            metrics = trainer.step(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                trainer.evaluate(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+                trainer.save(step, elapsed())
+            on_step(step, metrics)
+            if trainer.stop_requested and step != cfg.steps:
+                ckpt = trainer.save(step, elapsed())
+                _finish(trainer, run, "interrupted", step, elapsed(), ckpt)
+                raise EntclipError(f"interrupted after step {step}; checkpoint {ckpt} written; continue with: "
+                                   f"entclip train --resume {run.path}", INTERRUPTED)
+    except NonFiniteStop as stop:
+        ckpt = trainer.save(stop.step - 1, elapsed()) if stop.step > 1 else None
+        _finish(trainer, run, "failed", stop.step - 1, elapsed(), ckpt)
+        raise EntclipError(f"stopped at step {stop.step}: {cfg.max_nonfinite} non-finite updates in a row "
+                           f"(loss or gradient); last good parameters in {ckpt or 'the warm start'}; "
+                           "lower lr or raise max_grad_norm clipping", FAILED) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    trainer.evaluate(cfg.steps)
+    ckpt = trainer.save(cfg.steps, elapsed())
+    return _finish(trainer, run, "completed", cfg.steps, elapsed(), ckpt)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float,
+            ckpt: Path | None) -> dict[str, Any]:
+    """summary.json from the run directory's own files, so a resumed run summarizes all its steps."""
     import accelerate
     import transformers
 
     from entclip import __version__
+    from entclip.rundir import load_run
 
-    t_start = time.perf_counter()
-    trainer = Trainer(cfg, run, log, on_step)
-    first = trainer.evaluate(0)
-    metrics: dict[str, float] = {}
-    entropies: list[float] = []
-    last_eval = first
-    for step in range(1, cfg.steps + 1):
-        metrics = trainer.step(step)
-        entropies.append(metrics["entropy/mean"])
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            last_eval = trainer.evaluate(step)
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-            trainer.save(step)
-        on_step(step, metrics)
-    last_eval = trainer.evaluate(cfg.steps)
-    ckpt = trainer.save(cfg.steps)
+    run.close()
+    loaded = load_run(run.path)
+    rows, evals = loaded.metrics, loaded.evals
+    entropies = [r["entropy/mean"] for r in rows if r.get("entropy/mean") is not None]
     keys = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
-            "disc/min_z_v"]
+            "disc/min_z_v", "train/nonfinite_total"]
+    last = rows[-1] if rows else {}
     summary = {
-        "status": "completed", "steps": cfg.steps, "wall_s": time.perf_counter() - t_start,
-        "method": cfg.entropy_control, "warm_start": trainer.warm_start,
-        "final": {k: metrics.get(k) for k in keys},
-        "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)},
-        "eval_first": first, "eval_last": last_eval, "checkpoint": str(ckpt.relative_to(run.path)),
+        "status": status, "steps": step, "steps_planned": trainer.cfg.steps, "wall_s": wall_s,
+        "method": trainer.cfg.entropy_control, "warm_start": trainer.warm_start,
+        "final": {k: last.get(k) for k in keys},
+        "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
+        "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
+        "checkpoint": str(ckpt.relative_to(run.path)) if ckpt else None,
         "versions": {"entclip": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
     if trainer.accelerator.is_main_process:
         run.write_summary(summary)
-    run.close()
     return summary

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from entclip.config import Config
-from entclip.errors import EntclipError
+from entclip.errors import NOT_FOUND, EntclipError
 
 Log = Callable[[str], None]
 
@@ -24,6 +24,13 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     huggingface_hub.utils.logging.set_verbosity_error()  # offline retries are reported by our one line
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures reach us as exceptions
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def cache_root(cfg: Config) -> Path:
@@ -64,7 +71,7 @@ def load_folder(path: str):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint "
                            "folder or a model folder on this machine (the Hugging Face hub may be "
-                           "unreachable offline)") from None
+                           "unreachable offline)", NOT_FOUND) from None
     tokenizer.padding_side = "left"  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

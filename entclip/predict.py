@@ -8,6 +8,7 @@ response tokens), so the records add up to the reported total. `--apply` takes t
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from entclip import losses, theory
 from entclip.accounting import QUADRANTS, loss_weights
 from entclip.config import Config
-from entclip.errors import EntclipError
+from entclip.errors import BAD_DATA, NOT_FOUND, EntclipError
 from entclip.tasks.arithmetic import Problem
 
 
@@ -35,14 +36,16 @@ def resolve_model(arg: str | None) -> str | None:
         return None
     path = Path(arg).expanduser()
     if arg.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise EntclipError(f"model path {arg} does not exist; give a run directory, a checkpoint or model folder")
-    if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        ckpts = sorted(p for p in (path / "checkpoints").iterdir() if p.name.startswith("step_"))
-        if not ckpts:
-            raise EntclipError(f"run directory {path} has no checkpoint yet; give a finished run")
-        return str(ckpts[-1])
+        raise EntclipError(f"model path {arg} does not exist; give a run directory, a checkpoint or model folder", NOT_FOUND)
+    if (path / "config.yaml").exists() and not (path / "config.json").exists():
+        from entclip.rundir import latest_checkpoint
+
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise EntclipError(f"run directory {path} has no checkpoint yet; give a finished run", NOT_FOUND)
+        return str(ckpt)
     if path.exists() and not (path / "config.json").exists():
-        raise EntclipError(f"{path} is neither a run directory nor a model folder (no config.json)")
+        raise EntclipError(f"{path} is neither a run directory nor a model folder (no config.json)", NOT_FOUND)
     return arg
 
 
@@ -59,19 +62,19 @@ def load_problems(source: str, train: list[Problem], n: int, seed: int, prompt_f
     path = Path(source)
     if path.suffix == ".tsv":
         if not path.is_file():
-            raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file")
+            raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file", NOT_FOUND)
         rows = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
             prompt, sep, answer = line.partition("\t")
             if line.strip() and not sep:
-                raise EntclipError(f"{path} line {i}: expected 'prompt<TAB>answer'")
+                raise EntclipError(f"{path} line {i}: expected 'prompt<TAB>answer'", BAD_DATA)
             if line.strip():
                 rows.append(Problem(prompt, answer))
     else:
         rows = [Problem(str(r[prompt_field]), str(r[answer_field]))
                 for r in _dataset_rows(source, prompt_field, answer_field, split)]
     if not rows:
-        raise EntclipError(f"{source} holds no prompts; give a non-empty file or 'builtin'")
+        raise EntclipError(f"{source} holds no prompts; give a non-empty file or 'builtin'", BAD_DATA)
     return rows[:n]
 
 
@@ -84,8 +87,13 @@ def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str)
     kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     path = Path(source)
     if path.suffix in kinds and not path.is_file():
-        raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file")
-    datasets.disable_progress_bars()
+        raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file", NOT_FOUND)
+    if path.suffix == ".jsonl":  # name the broken line; datasets' own message does not
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                raise EntclipError(f"{path} line {i} is not valid JSON; fix or remove that line", BAD_DATA) from None
     try:
         if path.suffix in kinds:
             ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
@@ -94,11 +102,11 @@ def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str)
     except Exception as exc:  # datasets raises many types: parse errors, offline hub, missing split
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise EntclipError(f"cannot read prompts from {source!r} ({first}); give 'builtin', a local "
-                           ".jsonl/.csv/.parquet/.tsv file, or a reachable dataset id") from None
+                           ".jsonl/.csv/.parquet/.tsv file, or a reachable dataset id", BAD_DATA) from None
     missing = [f for f in (prompt_field, answer_field) if f not in ds.column_names]
     if missing:
         raise EntclipError(f"{source} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-                           "pass --prompt-field / --answer-field")
+                           "pass --prompt-field / --answer-field", BAD_DATA)
     return ds
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from entclip.errors import EntclipError
+from entclip.errors import BAD_DATA, EXISTS, NOT_FOUND, EntclipError
 
 FORMAT = 1
 CONFIG, METRICS, EVAL, SAMPLES, SUMMARY = (
@@ -59,14 +59,14 @@ class RunDir:
     def create(cls, path: Path, overwrite: bool = False) -> "RunDir":
         """Make an empty run directory; refuse to touch a non-empty one unless `overwrite`."""
         if path.exists() and not path.is_dir():
-            raise EntclipError(f"{path} exists and is not a directory; choose another --name or --out-dir")
+            raise EntclipError(f"{path} exists and is not a directory; choose another --name or --out-dir", EXISTS)
         if path.is_dir() and any(path.iterdir()):
             if not overwrite:
                 raise EntclipError(f"run directory {path} already exists and is not empty; "
-                                   "pass --overwrite to replace it or --name to choose another")
+                                   "pass --overwrite to replace it, --resume to continue it, or --name to choose another", EXISTS)
             if not (path / CONFIG).exists():
                 raise EntclipError(f"{path} is not an entclip run directory (no {CONFIG}); "
-                                   "--overwrite only replaces run directories: choose another --name")
+                                   "--overwrite only replaces run directories: choose another --name", EXISTS)
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
@@ -86,6 +86,30 @@ class RunDir:
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / "checkpoints" / f"step_{step:06d}"
+
+    @classmethod
+    def reopen(cls, path: Path) -> tuple["RunDir", Path]:
+        """An existing run to continue: its latest complete checkpoint, JSONL rows after it removed.
+
+        A kill can leave rows past the checkpoint (and a torn last line) in the JSONL files and a
+        temporary checkpoint folder; both are cleaned so the resumed run appends exactly once.
+        """
+        if not path.is_dir():
+            raise EntclipError(f"--resume {path}: no such run directory; give the path of a run "
+                               "started by `entclip train`", NOT_FOUND)
+        if not (path / CONFIG).exists():
+            raise EntclipError(f"--resume {path}: not an entclip run directory (no {CONFIG})", NOT_FOUND)
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise EntclipError(f"--resume {path}: the run has no complete checkpoint to continue from; "
+                               "start it again with --overwrite (set save_every to checkpoint often)",
+                               NOT_FOUND)
+        step = checkpoint_step(ckpt)
+        for name in (METRICS, EVAL, SAMPLES):
+            _truncate_jsonl(path / name, step)
+        for leftover in (path / "checkpoints").glob(".step_*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return cls(path), ckpt
 
     def close(self) -> None:
         for fh in self._files.values():
@@ -120,23 +144,23 @@ def _read_jsonl(path: Path, warnings: list[str]) -> list[dict[str, Any]]:
                 warnings.append(f"{path.name}: skipped a torn last line ({i})")
                 continue
             raise EntclipError(f"{path} line {i} is not valid JSON; the file is corrupted: "
-                               "restore it or delete that line") from None
+                               "restore it or delete that line", BAD_DATA) from None
         if not isinstance(row, dict):
-            raise EntclipError(f"{path} line {i} is not a JSON object; the file is corrupted")
+            raise EntclipError(f"{path} line {i} is not a JSON object; the file is corrupted", BAD_DATA)
         rows.append(row)
     return rows
 
 
 def load_run(path: Path) -> LoadedRun:
     if not path.exists():
-        raise EntclipError(f"run directory {path} does not exist; give the path printed by `entclip train`")
+        raise EntclipError(f"run directory {path} does not exist; give the path printed by `entclip train`", NOT_FOUND)
     if not path.is_dir() or not (path / CONFIG).exists():
         raise EntclipError(f"{path} is not an entclip run directory (no {CONFIG}); "
-                           "give a directory written by `entclip train`")
+                           "give a directory written by `entclip train`", NOT_FOUND)
     try:
         config = yaml.safe_load((path / CONFIG).read_text()) or {}
     except yaml.YAMLError:
-        raise EntclipError(f"{path / CONFIG} is not valid YAML; the run directory is corrupted") from None
+        raise EntclipError(f"{path / CONFIG} is not valid YAML; the run directory is corrupted", BAD_DATA) from None
     run = LoadedRun(path=path, config=config)
     run.metrics = _read_jsonl(path / METRICS, run.warnings)
     run.evals = _read_jsonl(path / EVAL, run.warnings)
@@ -146,3 +170,70 @@ def load_run(path: Path) -> LoadedRun:
         except json.JSONDecodeError:
             run.warnings.append(f"{SUMMARY} is not valid JSON; ignored")
     return run
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+CKPT_MARKER = "entclip_checkpoint.json"  # written last inside the temporary folder
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The newest complete checkpoint (its folder was renamed into place after the marker)."""
+    root = run_path / "checkpoints"
+    done = [p for p in root.glob("step_*") if (p / CKPT_MARKER).exists()] if root.is_dir() else []
+    return max(done, key=checkpoint_step, default=None)
+
+
+def save_checkpoint(final: Path, model, tokenizer, state: dict[str, Any], keep: int) -> Path:
+    """save_pretrained (safetensors) + tokenizer + trainer_state.pt, renamed into place at once.
+
+    A kill at any moment leaves either no folder for this step or a complete one. Then only the
+    newest `keep` checkpoints are kept (0 = all).
+    """
+    import torch
+
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    write_json_atomic(tmp / CKPT_MARKER, {"step": state["step"], "format": FORMAT})
+    if final.exists():  # a resumed run re-reaching a step it had saved before the kill
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep > 0:
+        done = sorted((p for p in final.parent.glob("step_*") if (p / CKPT_MARKER).exists()),
+                      key=checkpoint_step)
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    import torch
+
+    try:  # weights_only: never unpickle arbitrary objects from a file
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    except Exception as exc:
+        raise EntclipError(f"{ckpt / 'trainer_state.pt'} cannot be read ({type(exc).__name__}); "
+                           "the checkpoint is damaged: delete that folder to resume from an older one",
+                           BAD_DATA) from None
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the complete rows with row["step"] <= step, rewritten atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from the kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line + "\n")
+    write_atomic(path, "".join(keep))

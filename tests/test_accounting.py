@@ -97,11 +97,13 @@ def test_accounting_rows_are_complete_and_consistent(accounted_run):
 def test_accounting_can_be_turned_off_and_thinned(tmp_path):
     cfg = resolve(sets=tiny_sets(steps=2, entropy_accounting="false"))
     run = RunDir.create(tmp_path / "off")
+    run.write_config(cfg.to_yaml())
     train(cfg, run, log=lambda s: None)
     rows = [r for r in _metric_rows(run.path)]
     assert rows and all("entropy/measured" not in r for r in rows)
     cfg = resolve(sets=tiny_sets(steps=2, accounting_every=2))
     run = RunDir.create(tmp_path / "thin")
+    run.write_config(cfg.to_yaml())
     train(cfg, run, log=lambda s: None)
     rows = _metric_rows(run.path)
     assert "entropy/measured" not in rows[0] and "entropy/measured" in rows[1]
