@@ -118,7 +118,7 @@ def token_covariance(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     n = valid.sum().clamp(min=1)
     a = torch.where(valid, _per_token(advantages, logp).detach().float(), 0.0)  # padding may be nan
     lp = torch.where(valid, logp.detach().float(), 0.0)
-    cov = (a - a.sum() / n) * (lp - lp.sum() / n)  # (B, T)
+    cov = (a - a.mean()) * (lp - lp.sum() / n)  # (B, T)
     return torch.where(valid, cov, 0.0)
 
 

@@ -122,6 +122,14 @@ def test_token_covariance_by_hand_ignores_padding():
     torch.testing.assert_close(token_covariance(LOGP, ADV, MASK), expected)
 
 
+def test_token_covariance_weighs_advantages_per_token():
+    # Sequence advantages (1, 0) over 3 and 1 valid tokens: mean A = 3/4 (not 1/2); mean log p = -2.
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 9.0], [-2.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    expected = torch.tensor([[0.25, 0.0, -0.25, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(token_covariance(logp, torch.tensor([1.0, 0.0]), mask), expected)
+
+
 def _dropped(keep):
     return MASK.bool() & ~keep
 
@@ -253,6 +261,13 @@ def test_adaptive_mu_does_not_split_ties():
     res = adaptive_mu_for_share(z, torch.tensor([-1.0]), torch.ones(1, 4), target_share=0.25)
     # One drop is wanted; the two -2s go together or not at all: 0 and 2 are equally near, take 0.
     assert res.dropped == 0
+    # Two of five wanted, three tie at -2: 3 is the nearest count a threshold can drop.
+    z5 = torch.tensor([[-2.0, -2.0, -2.0, -1.0, 0.0]])
+    assert adaptive_mu_for_share(z5, torch.tensor([-1.0]), torch.ones(1, 5), target_share=0.4).dropped == 3
+    # Entropy variant: dropping one -2 would give dH = 0.3, but no threshold drops just one.
+    dh = torch.tensor([[-0.5, 0.4, -0.1, 0.0]])  # achievable k = 0, 2, 3, 4: dH = -0.2, -0.1, 0, 0
+    res_h = adaptive_mu_for_entropy(z, dh, torch.tensor([-1.0]), torch.ones(1, 4), target=0.1)
+    assert res_h.dropped == 3 and res_h.predicted_dh == pytest.approx(0.0)
 
 
 def test_adaptive_mu_agrees_with_the_clip_b_and_clip_v_masks():
