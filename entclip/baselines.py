@@ -1,10 +1,9 @@
 """Baseline entropy-control methods as pure tensor functions (THEORY.md, "The baselines it reinterprets").
 
 Each returns a keep-mask, a per-token weight or a per-token loss term, so the engine composes one
-objective: aggregate(weight * keep * per_token_loss, mask) (+ scalar terms). Shapes as in losses.py:
-(B, T) tensors, `mask` (B, T) valid response tokens, `advantages` (B,) or (B, T). Anything batch-global
-(a mean, a quantile, a top-k, a min/max) is computed over the tensors passed in: the engine gathers the
-whole training batch across processes first. Selections and weights carry no gradient.
+objective: aggregate(weight * keep * per_token_loss, mask) (+ scalar terms). Shapes as in losses.py.
+Anything batch-global (a mean, a quantile, a top-k, a min/max) is computed over the tensors passed
+in: the engine gathers the training batch across processes first. Selections carry no gradient.
 
 Fractions, never percents: every share parameter here (`frac`, `rho`, `target_share`) is a fraction
 of the valid tokens. The Clip-Cov / KL-Cov authors' code mixes both: Clip-Cov's `clip_ratio=0.0002`
@@ -34,7 +33,9 @@ def _check_frac(name: str, value: float, hint: str = "") -> None:
 # ---------------------------------------------------------------- dual clip, entropy bonus
 
 
-def dual_clip(loss: torch.Tensor, advantages: torch.Tensor, c: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+def dual_clip(
+    loss: torch.Tensor, advantages: torch.Tensor, c: float = 3.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dual clip for negative advantages (Ye et al. 2020, arXiv 1912.09729; verl `clip_ratio_c`).
 
     loss: (B, T) per-token clipped-surrogate loss, max(-r A, -clip(r) A) (losses.clipped_surrogate);
@@ -46,7 +47,7 @@ def dual_clip(loss: torch.Tensor, advantages: torch.Tensor, c: float = 3.0) -> t
     masked, so count it over the valid tokens for `clip/dual_frac`).
     """
     if not c > 1.0:
-        raise ValueError(f"dual clip c={c}: must be > 1 (the ratio above which A < 0 tokens are capped; default 3)")
+        raise ValueError(f"dual clip c={c}: must be > 1 (the ratio that caps A < 0 tokens; default 3)")
     adv = _per_token(advantages, loss)
     bound = (-c * adv).to(loss.dtype)  # (B, T), constant
     active = (adv < 0) & (loss.detach() > bound)
@@ -54,7 +55,8 @@ def dual_clip(loss: torch.Tensor, advantages: torch.Tensor, c: float = 3.0) -> t
 
 
 def entropy_bonus_term(
-    entropy: torch.Tensor, mask: torch.Tensor, coef: float, mode: str = "token-mean", constant: float | None = None
+    entropy: torch.Tensor, mask: torch.Tensor, coef: float, mode: str = "token-mean",
+    constant: float | None = None,
 ) -> torch.Tensor:
     """coef * aggregate(H): the entropy bonus (THEORY.md), a scalar to SUBTRACT from the loss.
 
@@ -74,12 +76,9 @@ def adapt_entropy_coef(
     equal; then clamped to [c_min, c_max]. entropy_now: the batch's mean token entropy (nats).
     """
     if delta < 0 or c_min > c_max:
-        raise ValueError(f"adaptive entropy: need delta >= 0 and c_min <= c_max (got {delta}, [{c_min}, {c_max}])")
-    if entropy_now < target:
-        coef = coef + delta
-    elif entropy_now > target:
-        coef = coef - delta
-    return min(max(coef, c_min), c_max)
+        raise ValueError(f"adaptive entropy: need delta >= 0, c_min <= c_max (got {delta}, {c_min}, {c_max})")
+    step = delta if entropy_now < target else -delta if entropy_now > target else 0.0
+    return min(max(coef + step, c_min), c_max)
 
 
 # ---------------------------------------------------------------- token selections
@@ -118,7 +117,7 @@ def token_covariance(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.T
     n = valid.sum().clamp(min=1)
     a = torch.where(valid, _per_token(advantages, logp).detach().float(), 0.0)  # padding may be nan
     lp = torch.where(valid, logp.detach().float(), 0.0)
-    cov = (a - a.mean()) * (lp - lp.sum() / n)  # (B, T)
+    cov = (a - a.sum() / n) * (lp - lp.sum() / n)  # (B, T)
     return torch.where(valid, cov, 0.0)
 
 
@@ -157,16 +156,6 @@ def clip_cov_mask(
     return keep.view_as(valid)
 
 
-@dataclass
-class KLCovOut:
-    """KL-Cov per-token loss, (B, T) each. loss: differentiable through logp. ratio: exp(logp - old).
-    selected: the top-Cov tokens that carry the KL term (bool, no gradient)."""
-
-    loss: torch.Tensor
-    ratio: torch.Tensor
-    selected: torch.Tensor
-
-
 def kl_cov_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -174,7 +163,7 @@ def kl_cov_loss(
     mask: torch.Tensor,
     frac: float = 2e-3,
     beta: float = 1.0,
-) -> KLCovOut:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """KL-Cov per-token loss (Cui et al. 2025, arXiv 2505.22617, Sec. 4 "KL-Cov").
 
     The K = max(1, floor(frac * n_valid)) valid tokens with the largest Cov_t (ties: lowest flat
@@ -183,7 +172,8 @@ def kl_cov_loss(
     compute_policy_loss_kl_cov and verl's port: pg_losses = -A * ratio for the rest). r = exp(log p -
     log p_old). d loss / d log p = -A r + beta sign(log p - log p_old) on selected tokens, -A r
     elsewhere. frac is a fraction: the authors' k_percent=0.2 (percent, 7B) is frac=0.002.
-    Padding is not masked in `loss`: aggregate with the valid mask.
+    Returns (loss (B, T), differentiable through logp, padding not masked: aggregate with the valid
+    mask; selected (B, T) bool, the tokens that carry the KL term).
     """
     _check_frac("frac", frac, "; the authors' k_percent=0.2 is frac=0.002")
     valid = mask.bool()
@@ -198,7 +188,7 @@ def kl_cov_loss(
     selected = selected.view_as(valid)
     pg = -adv * ratio
     kl = beta * (logp - old_logp.detach()).abs()
-    return KLCovOut(loss=torch.where(selected, pg + kl, pg), ratio=ratio, selected=selected)
+    return torch.where(selected, pg + kl, pg), selected
 
 
 # ---------------------------------------------------------------- STEER weights
@@ -272,8 +262,10 @@ class AdaptiveMu:
     predicted_dh: float | None = None
 
 
-def _eligible(z, advantages, mask, include_zero_adv):
+def _eligible(z, advantages, mask, include_zero_adv, mu_min, mu_max):
     """valid, eligible (B, T) bool, z float32, eligible z sorted ascending, and the sort order."""
+    if mu_min > mu_max:
+        raise ValueError(f"adaptive mu: mu_min={mu_min} > mu_max={mu_max}")
     valid = mask.bool()
     adv = _per_token(advantages, z)
     elig = valid & ((adv <= 0) if include_zero_adv else (adv < 0))
@@ -295,13 +287,9 @@ def _choose(zs, k, valid, elig, zf, mu_min, mu_max, delta_h=None) -> AdaptiveMu:
     mu = min(max(mu, mu_min), mu_max)
     drop = elig & (zf < -mu)
     dropped, n = int(drop.sum()), int(valid.sum())
-    pred = None if delta_h is None else float(torch.where(valid & ~drop, delta_h.detach().double(), 0.0).sum())
+    kept = valid & ~drop
+    pred = None if delta_h is None else float(torch.where(kept, delta_h.detach().double(), 0.0).sum())
     return AdaptiveMu(mu=mu, share=dropped / n if n else 0.0, dropped=dropped, predicted_dh=pred)
-
-
-def _check_mu_range(mu_min: float, mu_max: float) -> None:
-    if mu_min > mu_max:
-        raise ValueError(f"adaptive mu: mu_min={mu_min} > mu_max={mu_max}")
 
 
 def adaptive_mu_for_share(
@@ -327,8 +315,7 @@ def adaptive_mu_for_share(
     """
     if not 0.0 <= target_share <= 1.0:
         raise ValueError(f"target_share={target_share}: a fraction of the valid tokens in [0, 1]")
-    _check_mu_range(mu_min, mu_max)
-    valid, elig, zf, zs, _ = _eligible(z, advantages, mask, include_zero_adv)
+    valid, elig, zf, zs, _ = _eligible(z, advantages, mask, include_zero_adv, mu_min, mu_max)
     want = min(math.floor(round(target_share * int(valid.sum()), 6) + 0.5), zs.numel())
     ks = _achievable(zs).nonzero().squeeze(1)  # ascending
     k = int(ks[torch.argmin((ks - want).abs())])  # argmin takes the first: the smaller on a draw
@@ -355,8 +342,7 @@ def adaptive_mu_for_entropy(
     intervention) with dH >= target; when none reaches it, the k with the largest dH. Then clamps mu
     to [mu_min, mu_max]; share, dropped and predicted_dh report the clamped mu.
     """
-    _check_mu_range(mu_min, mu_max)
-    valid, elig, zf, zs, order = _eligible(z, advantages, mask, include_zero_adv)
+    valid, elig, zf, zs, order = _eligible(z, advantages, mask, include_zero_adv, mu_min, mu_max)
     dh = delta_h.detach().double()
     total = torch.where(valid, dh, 0.0).sum()
     cum = torch.cat([dh.new_zeros(1), torch.cumsum(dh[elig][order], 0)])  # (E + 1,) removed by dropping k

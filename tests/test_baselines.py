@@ -161,12 +161,12 @@ def test_clip_cov_drops_nothing_when_the_band_is_empty_or_excluded():
 def test_kl_cov_selects_top_k_by_cov_and_its_gradient_matches_the_formula():
     logp = LOGP.nan_to_num(-6.0).requires_grad_(True)
     d = torch.tensor([[0.1, math.log(5.0), -0.2, 0.1, 0.0], [-0.3, 0.1, 0.2, 0.4, 0.0]])  # log p - log p_old
-    out = kl_cov_loss(logp, logp.detach() - d, ADV, MASK, frac=0.25, beta=0.5)
-    assert torch.equal(out.selected, BAND)  # K = floor(0.25 * 8) = 2: Cov 3 and 2
+    loss, selected = kl_cov_loss(logp, logp.detach() - d, ADV, MASK, frac=0.25, beta=0.5)
+    assert torch.equal(selected, BAND)  # K = floor(0.25 * 8) = 2: Cov 3 and 2
     a = torch.tensor([[1.0], [-1.0]])
     r = d.exp()
-    torch.testing.assert_close(out.loss, torch.where(BAND, -a * r + 0.5 * d.abs(), -a * r))
-    (out.loss * MASK).sum().backward()
+    torch.testing.assert_close(loss, torch.where(BAND, -a * r + 0.5 * d.abs(), -a * r))
+    (loss * MASK).sum().backward()
     # No ratio clip on the rest: r = 5 with A = +1 still has gradient -A r = -5.
     expected = torch.where(BAND, -a * r + 0.5 * d.sign(), -a * r) * MASK
     torch.testing.assert_close(logp.grad, expected)
@@ -174,11 +174,11 @@ def test_kl_cov_selects_top_k_by_cov_and_its_gradient_matches_the_formula():
 
 
 def test_kl_cov_selects_at_least_one_token_and_breaks_ties_by_position():
-    out = kl_cov_loss(LOGP.nan_to_num(0.0), LOGP.nan_to_num(0.0), ADV, MASK, frac=2e-3)
-    assert torch.equal(out.selected, torch.tensor([[F_] * 5, [F_, F_, F_, T_, F_]]))
+    _, selected = kl_cov_loss(LOGP.nan_to_num(0.0), LOGP.nan_to_num(0.0), ADV, MASK, frac=2e-3)
+    assert torch.equal(selected, torch.tensor([[F_] * 5, [F_, F_, F_, T_, F_]]))
     flat = torch.zeros(2, 5)  # A = 0: every Cov is 0, a five-way tie
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    tie = kl_cov_loss(flat, flat, torch.zeros(2), mask, frac=0.25).selected
+    _, tie = kl_cov_loss(flat, flat, torch.zeros(2), mask, frac=0.25)
     assert torch.equal(tie, torch.tensor([[F_, T_, T_, F_, F_], [F_] * 5]))
     with pytest.raises(ValueError, match="frac=0.002"):
         kl_cov_loss(flat, flat, torch.zeros(2), mask, frac=2.0)
@@ -281,7 +281,8 @@ def test_adaptive_mu_agrees_with_the_clip_b_and_clip_v_masks():
     keep = clip_b_mask(disc, adv, mask, mu=res.mu)
     assert res.dropped == round(0.05 * n) == int((mask.bool() & ~keep).sum())
     assert filter_shares(keep, mask, adv)["frac_pos"] == 0.0
-    res_v = adaptive_mu_for_share(clip_v_z(disc, base, mask), adv, mask, 0.1, include_zero_adv=True, mu_min=-10.0)
+    z_v = clip_v_z(disc, base, mask)
+    res_v = adaptive_mu_for_share(z_v, adv, mask, 0.1, include_zero_adv=True, mu_min=-10.0)
     keep_v = clip_v_mask(disc, base, adv, mask, mu=res_v.mu, max_frac=None)
     assert res_v.dropped == round(0.1 * n) == int((mask.bool() & ~keep_v).sum())
 
