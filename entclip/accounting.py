@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entclip import losses, theory
+from entclip import losses, theory  # noqa: F401
 
 QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1), "neg_devneg": (-1, -1)}
 
@@ -48,12 +48,17 @@ class StepAccount:
         self.drive = torch.zeros_like(self.contrib)
 
     def add_update(self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
-                   advantages: torch.Tensor, surr: losses.SurrogateOut, loss_mask: torch.Tensor,
-                   weights: torch.Tensor, lr: float, temperature: float) -> None:
-        """Theorem 3.3 for one optimizer update on minibatch `rows` (logits at the current params)."""
+                   advantages: torch.Tensor, ratio: torch.Tensor, zero_grad: torch.Tensor,
+                   loss_mask: torch.Tensor, weights: torch.Tensor, lr: float, temperature: float) -> None:
+        """Theorem 3.3 for one optimizer update on minibatch `rows` (logits at the current params).
+
+        weights: each token's weight in the aggregated loss (times STEER's, if any); zero_grad: tokens
+        the clip removed from the gradient. Loss terms beyond the policy term (KL, entropy bonus,
+        KL-Cov's penalty) are not part of this prediction; pred_param and pred_dz include them.
+        """
         stats = theory.token_stats(logits.detach(), tokens, temperature)
-        active = loss_mask.bool() & ~(surr.clipped_low | surr.clipped_high)  # zero-gradient tokens out
-        unit = theory.grpo_logit_delta(stats.disc, stats.baseline, advantages, surr.ratio.detach(), 1.0,
+        active = loss_mask.bool() & ~zero_grad
+        unit = theory.grpo_logit_delta(stats.disc, stats.baseline, advantages, ratio.detach(), 1.0,
                                        temperature) * weights * active / self.n_valid
         self.drive[rows] += unit
         self.contrib[rows] += lr * unit

@@ -73,8 +73,9 @@ class Config:
     scale_std: bool = _f(True, "divide group-centred rewards by the group std (False = Dr. GRPO)")
     kl_coef: float = _f(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
     # ---- entropy control ------------------------------------------------------------------
-    entropy_control: Literal["none", "clip_b", "clip_v", "sign"] = _f(
-        "none", "token filter: Clip_B or Clip_V of arXiv 2602.03392, the sign intervention, or none"
+    entropy_control: Literal["none", "clip_b", "clip_v", "sign", "high_entropy", "clip_cov", "kl_cov", "steer"] = _f(
+        "none", "method: Clip_B / Clip_V (arXiv 2602.03392), sign intervention, high_entropy (80/20), "
+        "clip_cov / kl_cov (Cui et al. 2025), steer (per-token weights), or none"
     )
     filter_rule: Literal["released", "paper"] = _f(
         "released", "released = one-sided on negative advantages; paper = two-sided band"
@@ -84,6 +85,23 @@ class Config:
     clip_v_max_frac: float | None = _f(1e-4, "Clip_V released rule: cap on the dropped share (null = no cap)")
     filter_mu_low: float | None = _f(None, "paper rule: lower band width (default: the method's mu)")
     filter_mu_high: float | None = _f(None, "paper rule: upper band width (default: the method's mu)")
+    filter_target_share: float | None = _f(None, "Clip_B/Clip_V adaptive mu: drop this share of valid tokens each step")
+    filter_target_dh: float | None = _f(None, "Clip_B/Clip_V adaptive mu: reach this lr-free predicted entropy change (mean per valid token)")
+    adaptive_mu_min: float = _f(0.0, "adaptive mu: lower clamp")
+    adaptive_mu_max: float = _f(20.0, "adaptive mu: upper clamp")
+    high_entropy_rho: float = _f(0.2, "high_entropy: keep the top rho fraction of tokens by entropy")
+    cov_frac: float = _f(2e-4, "clip_cov: fraction (not percent) of valid tokens detached, drawn from the band")
+    cov_lb: float = _f(1.0, "clip_cov: lower bound of the covariance band")
+    cov_ub: float = _f(5.0, "clip_cov: upper bound of the covariance band")
+    kl_cov_frac: float = _f(2e-3, "kl_cov: fraction (not percent; the authors' k=0.2%) of tokens penalized")
+    kl_cov_beta: float = _f(1.0, "kl_cov: weight of |log p - log p_old| on the selected tokens")
+    steer_w_max: float = _f(1.2, "steer: weight of the token with the smallest |Omega|")
+    steer_w_min: float = _f(0.8, "steer: weight of the token with the largest |Omega|")
+    dual_clip_c: float | None = _f(None, "dual clip for A < 0: loss <= -c A (e.g. 3.0; null = off)")
+    entropy_coef: float = _f(0.0, "entropy bonus: loss -= coef * mean H (gradient through H)")
+    entropy_target: float | None = _f(None, "adaptive entropy bonus: move coef toward this batch entropy")
+    entropy_coef_delta: float = _f(5e-4, "adaptive entropy bonus: step of coef per training step")
+    entropy_coef_max: float = _f(0.05, "adaptive entropy bonus: upper clamp of coef (lower is 0)")
     sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens with S* - E_p[S] > 0 (pos) or < 0 (neg)")
     sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
@@ -164,6 +182,19 @@ def _validate(c: Config) -> None:
     _need(c.filter_rule == "paper" or (c.filter_mu_low is None and c.filter_mu_high is None),
           "filter_mu_low/filter_mu_high set a two-sided band, which only the paper rule has; "
           "add --set filter_rule=paper or drop them")
+    _need(c.filter_target_share is None or c.filter_target_dh is None,
+          "filter_target_share and filter_target_dh both set; choose one adaptive target")
+    _need(c.filter_target_share is None or 0 <= c.filter_target_share <= 1,
+          f"filter_target_share={c.filter_target_share}: a share of tokens must be in [0, 1]")
+    for name in ["high_entropy_rho", "cov_frac", "kl_cov_frac"]:
+        value = getattr(c, name)
+        _need(0 < value <= 1, f"{name}={value}: a fraction in (0, 1] (not a percent); "
+              f"set --set {name}={FIELDS[name].default}")
+    _need(c.cov_lb < c.cov_ub, f"cov_lb={c.cov_lb} must be below cov_ub={c.cov_ub}")
+    _need(c.steer_w_min <= c.steer_w_max, "steer_w_min must not exceed steer_w_max")
+    _need(c.dual_clip_c is None or c.dual_clip_c > 1, f"dual_clip_c={c.dual_clip_c}: must be > 1 (e.g. 3.0)")
+    _need(c.entropy_coef >= 0 and c.entropy_coef_delta >= 0 and c.entropy_coef_max >= 0,
+          "entropy_coef, entropy_coef_delta and entropy_coef_max must not be negative")
     _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
           f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
 

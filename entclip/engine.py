@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from entclip import losses, theory
+from entclip import baselines, losses, objective, theory
 from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import FAILED, INTERRUPTED, EntclipError
@@ -48,42 +48,6 @@ class BatchStats:
     disc: torch.Tensor
     baseline: torch.Tensor
     ref_logp: torch.Tensor | None
-
-
-def _gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
-    """(B, T) per process -> (N*B, T) for the whole batch; identity on one process."""
-    if accelerator.num_processes == 1:
-        return x
-    x = accelerator.pad_across_processes(x, dim=1, pad_index=0)
-    return accelerator.gather(x)
-
-
-def token_filter(cfg: Config, accelerator, stats: BatchStats, adv_tok: torch.Tensor,
-                 mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Keep-mask (B, T) of the configured filter over the whole training batch, and its stats."""
-    g = lambda t: _gather_rows(accelerator, t)  # noqa: E731
-    disc, base, adv, gmask = g(stats.disc), g(stats.baseline), g(adv_tok), g(mask)
-    z_b = losses.clip_b_z(disc, gmask)
-    z_v = losses.clip_v_z(disc, base, gmask)
-    valid = gmask.bool()
-    out = {"disc/min_z_b": float(z_b[valid].min()) if valid.any() else 0.0,
-           "disc/min_z_v": float(z_v[valid].min()) if valid.any() else 0.0}
-    kw = dict(rule=cfg.filter_rule, mu_low=cfg.filter_mu_low, mu_high=cfg.filter_mu_high)
-    if cfg.entropy_control == "clip_b":
-        keep = losses.clip_b_mask(disc, adv, gmask, mu=cfg.clip_b_mu, **kw)
-    elif cfg.entropy_control == "clip_v":
-        keep = losses.clip_v_mask(disc, base, adv, gmask, mu=cfg.clip_v_mu,
-                                  max_frac=cfg.clip_v_max_frac, **kw)
-    elif cfg.entropy_control == "sign":
-        keep = losses.sign_mask(disc, base, adv, gmask, cfg.sign_deviation, cfg.sign_samples)
-    else:
-        keep = valid
-    shares = losses.filter_shares(keep, gmask, adv)
-    out.update({"clip/filter_frac": shares["frac"], "clip/filter_frac_pos": shares["frac_pos"],
-                "clip/filter_frac_neg": shares["frac_neg"]})
-    rank, B = accelerator.process_index, mask.shape[0]
-    keep = keep[rank * B:(rank + 1) * B, :mask.shape[1]]
-    return keep, out
 
 
 class Trainer:
@@ -121,6 +85,7 @@ class Trainer:
         self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient, whole run
         self.nonfinite_streak = 0  # ... in a row, up to now
         self.stop_requested = False  # set by Ctrl-C: stop after the current step
+        self.entropy_coef = cfg.entropy_coef  # adapted per step when entropy_target is set
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     @property
@@ -210,15 +175,16 @@ class Trainer:
             for rows in order.split(cfg.minibatch_size):
                 logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
                 logp = theory.token_logp(logits, roll.completion_ids[rows], cfg.temperature)
-                surr = losses.clipped_surrogate(logp, stats.old_logp[rows], adv_tok[rows],
-                                                cfg.eps_low, cfg.eps_high)
-                per_token = surr.loss
-                kl = torch.zeros_like(logp)
-                if stats.ref_logp is not None:
-                    kl = losses.kl_k3(logp, stats.ref_logp[rows])
-                    per_token = per_token + cfg.kl_coef * kl
                 m = loss_mask[rows]
-                loss = losses.aggregate(per_token, m, cfg.loss_agg, cfg.agg_constant)
+                bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
+                ent = theory.token_entropy(logits, cfg.temperature) if bonus or cfg.entropy_control == "steer" else None
+                terms = objective.token_terms(cfg, logp, stats.old_logp[rows], adv_tok[rows],
+                                              None if stats.ref_logp is None else stats.ref_logp[rows],
+                                              None if ent is None else ent.detach(), m)
+                loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant)
+                if self.entropy_coef > 0:
+                    loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
+                                                               cfg.agg_constant)
                 self.accelerator.backward(loss)
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
@@ -234,8 +200,9 @@ class Trainer:
                 self.nonfinite_streak = 0
                 if account is not None:
                     t_acc = time.perf_counter()
-                    account.add_update(rows, logits, roll.completion_ids[rows], adv_tok[rows], surr, m,
-                                       loss_weights(m, cfg.loss_agg, cfg.agg_constant),
+                    w = loss_weights(m, cfg.loss_agg, cfg.agg_constant)
+                    account.add_update(rows, logits, roll.completion_ids[rows], adv_tok[rows], terms.ratio,
+                                       terms.zero_grad, m, w if terms.weights is None else w * terms.weights,
                                        self.sched.get_last_lr()[0], cfg.temperature)
                     self.accounting_s += time.perf_counter() - t_acc
                 self.opt.step()
@@ -244,11 +211,10 @@ class Trainer:
                 valid = mask[rows].bool()
                 n_valid = max(int(valid.sum()), 1)
                 row = {"loss/total": loss.item(),
-                       "loss/policy": losses.aggregate(surr.loss.detach(), m, cfg.loss_agg, cfg.agg_constant).item(),
-                       "kl/ref": float((kl.detach() * valid).sum()) / n_valid,
-                       "clip/ratio_low_frac": float((surr.clipped_low & valid).sum()) / n_valid,
-                       "clip/ratio_high_frac": float((surr.clipped_high & valid).sum()) / n_valid,
-                       "grad/norm": float(grad_norm)}
+                       "loss/policy": losses.aggregate(terms.surrogate.detach(), m, cfg.loss_agg,
+                                                       cfg.agg_constant).item(),
+                       "kl/ref": float((terms.kl.detach() * valid).sum()) / n_valid,
+                       "grad/norm": float(grad_norm), **terms.stats}
                 for k, v in row.items():
                     acc[k] = acc.get(k, 0.0) + v
                 n_updates += 1
@@ -273,7 +239,8 @@ class Trainer:
         t_stats = time.perf_counter()
         stats, account = self.batch_stats(roll, account=account_now)
         t_stats = time.perf_counter() - t_stats
-        keep, filt = token_filter(cfg, self.accelerator, stats, adv_tok, mask)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", step))
+        keep, filt = objective.batch_filter(cfg, self.accelerator, stats, adv_tok, mask, gen)
         # A filtered token leaves the loss entirely: its term and its share of the normalizer.
         loss_mask = mask * keep
         upd = self.update(step, roll, stats, adv_tok, loss_mask, account)
@@ -286,6 +253,12 @@ class Trainer:
             self.accounting_s += time.perf_counter() - t_acc
             acct["perf/stats_pass_s"] = t_stats
             acct["perf/accounting_s"] = self.accounting_s
+        if cfg.entropy_target is not None:  # adaptive bonus: move toward the target entropy
+            h = float(stats.entropy[mask.bool()].mean())
+            self.entropy_coef = baselines.adapt_entropy_coef(self.entropy_coef, h, cfg.entropy_target,
+                                                             cfg.entropy_coef_delta, 0.0, cfg.entropy_coef_max)
+        if self.entropy_coef > 0 or cfg.entropy_target is not None:
+            acct["entropy/bonus_coef"] = self.entropy_coef
         elapsed = time.perf_counter() - t0
         metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd, **acct,
                    "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
@@ -318,7 +291,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {"format": 1, "step": step, "wall_s": wall_s, "optimizer": self.opt.state_dict(),
                      "scheduler": self.sched.state_dict(), "rng": _rng_state(),
-                     "nonfinite_total": self.nonfinite_total, "warm_start": self.warm_start}
+                     "nonfinite_total": self.nonfinite_total, "warm_start": self.warm_start,
+                     "entropy_coef": self.entropy_coef}
             save_checkpoint(final, self.policy, self.tokenizer, state, self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         return final
@@ -333,6 +307,7 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.nonfinite_total = state["nonfinite_total"]
+        self.entropy_coef = state["entropy_coef"]
         self.warm_start = state["warm_start"]
         return state
 

@@ -112,7 +112,8 @@ def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str)
 
 def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply: bool,
             log=lambda s: None) -> Prediction:
-    from entclip.engine import Trainer, derive_seed, token_filter
+    from entclip.engine import Trainer, derive_seed
+    from entclip.objective import batch_filter
 
     if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1:
         raise ValueError("predict: one update on the whole batch needs prompts_per_step == len(problems), "
@@ -124,7 +125,8 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     mask = roll.completion_mask  # (B, T)
     adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
     stats, account = trainer.batch_stats(roll, account=apply)
-    keep, filt = token_filter(cfg, trainer.accelerator, stats, adv_tok, mask)
+    keep, filt = batch_filter(cfg, trainer.accelerator, stats, adv_tok, mask,
+                              torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", 0)))
     loss_mask = mask * keep
     n_valid = max(int(mask.sum()), 1)
     weights = loss_weights(loss_mask, cfg.loss_agg, cfg.agg_constant)  # one update on the batch

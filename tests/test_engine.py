@@ -115,7 +115,7 @@ def test_objective_variants_train(tmp_path, overrides):
 
 def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     """The keep-mask is computed once per rollout batch, before the first update, on every row."""
-    from entclip.engine import token_filter
+    from entclip.objective import batch_filter
     from entclip import losses
 
     cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
@@ -123,7 +123,31 @@ def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     roll, rewards, _ = trainer.rollout(1)
     stats, _ = trainer.batch_stats(roll)
     adv = losses.group_advantages(rewards, cfg.group_size)[:, None].expand_as(roll.completion_mask)
-    keep, out = token_filter(cfg, trainer.accelerator, stats, adv, roll.completion_mask)
+    keep, out = batch_filter(cfg, trainer.accelerator, stats, adv, roll.completion_mask, torch.Generator())
     expected = losses.clip_b_mask(stats.disc, adv, roll.completion_mask, mu=0.3)
     assert torch.equal(keep, expected)
     assert not (keep & ~roll.completion_mask.bool()).any()
+
+
+@pytest.mark.parametrize("overrides, key, positive", [
+    ({"entropy_control": "high_entropy", "high_entropy_rho": 0.2}, "clip/filter_frac", True),
+    ({"entropy_control": "clip_cov", "cov_frac": 0.1, "cov_lb": -100, "cov_ub": 100}, "clip/filter_frac", True),
+    ({"entropy_control": "kl_cov", "kl_cov_frac": 0.1}, "clip/kl_cov_frac", True),
+    ({"entropy_control": "steer"}, "clip/steer_w_min", True),
+    ({"dual_clip_c": 1.5, "epochs": 3}, "clip/dual_frac", None),
+    ({"eps_high": 0.28}, "clip/ratio_high_frac", None),
+    ({"entropy_coef": 0.01}, "entropy/bonus_coef", True),
+    ({"entropy_target": 5.0, "entropy_coef_delta": 0.01}, "entropy/bonus_coef", True),
+    ({"entropy_control": "clip_b", "filter_target_share": 0.1}, "clip/mu", None),
+    ({"entropy_control": "clip_v", "filter_target_dh": 0.0}, "clip/mu", None),
+])
+def test_every_method_trains_and_logs_its_share(tmp_path, overrides, key, positive):
+    _, run, _ = _run(tmp_path, "method", **overrides)
+    for row in run.metrics:
+        assert key in row and math.isfinite(row[key]) and math.isfinite(row["loss/total"])
+    if positive:
+        assert any(r[key] > 0 for r in run.metrics)
+    if "filter_target_share" in overrides:  # the adaptive mu drops about the target share
+        assert all(abs(r["clip/filter_frac"] - 0.1) < 0.05 for r in run.metrics)
+    if overrides.get("entropy_target"):  # entropy far below target: the coefficient grows each step
+        assert [r["entropy/bonus_coef"] for r in run.metrics] == pytest.approx([0.01, 0.02])
