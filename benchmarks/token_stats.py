@@ -114,10 +114,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=V_QWEN)
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions of each variant")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--chunk", type=int, default=None, help="token_stats chunk_size (default: its own)")
+    ap.add_argument("--chunks", type=str, default="default",
+                    help="token_stats chunk_size values to compare, e.g. default,16 ('default' = its own)")
     ap.add_argument("--quick", action="store_true", help="256 rows, 3 repetitions")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's op table")
     ap.add_argument("--child-mem", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_mem:
         args.rows = int(args.rows)
@@ -129,35 +131,37 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     set_threads(args.threads)
-    chunk = args.chunk or default_chunk(args.vocab)
-    chunk_bytes = chunk * args.vocab * 4
-    print(f"V = {args.vocab}, token_stats chunk = {chunk} rows "
-          f"(one float32 chunk = {chunk_bytes / 2**20:.1f} MiB), {args.reps} interleaved repetitions")
+    default = default_chunk(args.vocab)
+    chunks = [default if c == "default" else int(c) for c in args.chunks.split(",")]
+    unit = default * args.vocab * 4  # the target's unit: one default chunk of float32 rows
+    print(f"V = {args.vocab}, token_stats default chunk = {default} rows "
+          f"(one float32 chunk = {unit / 2**20:.1f} MiB), {args.reps} interleaved repetitions")
 
-    rows_out = []
+    out = []
     for rows in [int(r) for r in args.rows.split(",")]:
         for dname in args.dtypes.split(","):
             logits, tokens = make_logits(rows, args.vocab, DTYPES[dname])
-            times = interleave({"entclip": lambda: run_entclip(logits, tokens, args.chunk),
-                                "log_softmax": lambda: run_baseline(logits, tokens)}, args.reps)
-            del logits, tokens
-            t_e, t_b = median(times["entclip"]), median(times["log_softmax"])
-            m_e, exact = memory("entclip", rows, dname, args)
-            m_b, _ = memory("log_softmax", rows, dname, args)
-            rows_out.append([
-                rows, dname, f"{t_e:.3f} ({spread(times['entclip'])})",
-                f"{t_b:.3f} ({spread(times['log_softmax'])})", f"**{t_e / t_b:.2f}x**",
-                f"{m_e / 2**20:.0f} MiB = **{m_e / chunk_bytes:.2f} chunks**" + ("" if exact else " (upper bound)"),
-                f"{m_b / 2**20:.0f} MiB = {m_b / chunk_bytes:.1f} chunks",
-            ])
+            fns = {"log_softmax": lambda: run_baseline(logits, tokens)}
+            for c in chunks:
+                fns[f"token_stats chunk={c}"] = lambda c=c: run_entclip(logits, tokens, c)
+            times = interleave(fns, args.reps)
+            del logits, tokens, fns
+            t_b = median(times["log_softmax"])
+            for name, ts in times.items():
+                c = int(name.split("=")[1]) if "=" in name else None
+                args.chunk = c
+                mem, exact = memory("entclip" if c else "log_softmax", rows, dname, args)
+                ratio = "1 (baseline)" if c is None else f"**{median(ts) / t_b:.2f}x**"
+                out.append([rows, dname, name, f"{median(ts):.3f} ({spread(ts)})", ratio,
+                            f"{mem / 2**20:.0f} MiB = **{mem / unit:.2f}**" + ("" if exact else " (upper bound)")])
     print()
-    table(["rows (B*T)", "logits", "token_stats s (min..max)", "log_softmax+gather s (min..max)",
-           "time ratio (target <= 1.5x)", "token_stats peak extra (target <= 1 chunk)",
-           "log_softmax peak extra"], rows_out)
+    table(["rows (B*T)", "logits", "variant", "median s (min..max)", "time ratio (target <= 1.5x)",
+           f"peak extra, in default chunks of {unit / 2**20:.1f} MiB (target <= 1)"], out)
     if args.profile:
         first = int(args.rows.split(",")[0])
+        args.chunk = chunks[0]
         for dname in args.dtypes.split(","):
-            print(f"\nprofile: token_stats, {first} rows, {dname}")
+            print(f"\nprofile: token_stats chunk={chunks[0]}, {first} rows, {dname}")
             profile(first, DTYPES[dname], args)
 
 

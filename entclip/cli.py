@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from entclip.errors import INTERRUPTED, EntclipError
+from entclip.errors import EXISTS, INTERRUPTED, EntclipError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="GRPO with entropy-discriminator clipping (arXiv 2602.03392) and entropy instruments.")
@@ -95,6 +95,9 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
     overwrite: bool = typer.Option(False, help="replace an existing run directory of the same name"),
     resume: Optional[Path] = typer.Option(None, help="continue this run directory from its latest checkpoint"),
+    seeds: Optional[str] = typer.Option(None, help="sweep: comma-separated seeds, one run each (e.g. 0,1,2)"),
+    presets: Optional[str] = typer.Option(None, help="sweep: comma-separated presets ('none' = defaults), "
+                                          "one run per preset and seed, grouped under --out-dir/--name"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the run directory at the end"),
     help_config: bool = typer.Option(False, "--help-config", help="list every config key and exit"),
     debug: bool = typer.Option(False, help="show tracebacks"),
@@ -117,6 +120,11 @@ def train(
                                    f"--{(given or ['overwrite' if overwrite else 'dry-run'])[0].replace('_', '-')}")
             _resume(resume, quiet)
             return
+        if seeds is not None or presets is not None:
+            if preset is not None:
+                raise EntclipError("--preset and --presets both given; list every preset in --presets")
+            _sweep(seeds, presets, config, flags, set_, dry_run, overwrite, quiet)
+            return
         cfg = resolve(preset=preset, config_file=config, flags=flags, sets=set_)
         _check_task(cfg)
         path = _run_path(cfg)
@@ -132,6 +140,58 @@ def train(
         with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
             summary = run_train(cfg, run, log=progress.log, on_step=progress.step)
         _report_done(summary, path, quiet)
+
+
+def _split(text: str | None, what: str) -> list[str]:
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if text is not None and not items:
+        raise EntclipError(f"--{what} {text!r}: give a comma-separated list")
+    return items
+
+
+def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: list[str], dry_run: bool,
+           overwrite: bool, quiet: bool) -> None:
+    """Every (preset, seed) as its own run directory under one group directory, validated first."""
+    from entclip.config import resolve
+    from entclip.console import Progress
+    from entclip.engine import train as run_train
+    from entclip.rundir import RunDir
+
+    try:
+        seed_list = [int(x) for x in _split(seeds, "seeds")] if seeds is not None else [None]
+    except ValueError:
+        raise EntclipError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
+    preset_list = _split(presets, "presets") if presets is not None else ["none"]
+    base = resolve(config_file=config, flags={**flags, "name": None}, sets=sets)
+    group = Path(base.out_dir) / (flags.get("name") or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
+    plan = []
+    for p in preset_list:
+        for seed in seed_list:
+            seed = base.seed if seed is None else seed
+            label = p if p != "none" else base.entropy_control
+            cfg = resolve(preset=None if p == "none" else p, config_file=config,
+                          flags={**flags, "seed": seed, "out_dir": str(group), "name": f"{label}-s{seed}"},
+                          sets=sets)
+            _check_task(cfg)
+            plan.append(cfg)
+    for cfg in plan:  # refuse before any run starts
+        path = Path(cfg.out_dir) / cfg.name
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise EntclipError(f"run directory {path} already exists; pass --overwrite or another --name",
+                               EXISTS)
+    if dry_run:
+        typer.echo(f"# sweep: {len(plan)} runs under {group}")
+        for cfg in plan:
+            typer.echo(f"{cfg.name}: entropy_control={cfg.entropy_control} seed={cfg.seed}")
+        return
+    for i, cfg in enumerate(plan, 1):
+        run = RunDir.create(Path(cfg.out_dir) / cfg.name, overwrite=overwrite)
+        run.write_config(cfg.to_yaml())
+        if not quiet:
+            typer.echo(f"[{i}/{len(plan)}] {run.path}")
+        with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
+            run_train(cfg, run, log=progress.log, on_step=progress.step)
+    typer.echo(str(group) if quiet else f"sweep done: {group}  (entclip compare {group})")
 
 
 def _check_task(cfg) -> None:
@@ -190,6 +250,89 @@ def analyze(
             from rich.console import Console
 
             render(summary, Console())
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories and/or sweep group directories"),
+    collapse: float = typer.Option(0.2, help="entropy threshold (nats) for 'steps to collapse'"),
+    markdown: bool = typer.Option(False, "--markdown", help="print a Markdown table"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="write the table as CSV to this file"),
+    as_json: bool = typer.Option(False, "--json", help="print the table as JSON"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of entropy and reward curves"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Compare methods over seeds: reward, held-out avg@k / pass@k, entropy collapse, filter shares."""
+    with _user_errors(debug):
+        from entclip import compare as cmp
+
+        loaded = cmp.expand(runs)
+        rows = cmp.table(loaded, collapse)
+        if as_json:
+            typer.echo(cmp.to_json(rows))
+        elif markdown:
+            typer.echo(cmp.markdown(rows, collapse))
+        else:
+            from rich.console import Console
+
+            cmp.render(rows, Console(), collapse)
+        if csv_path is not None:
+            from entclip.rundir import write_atomic
+
+            write_atomic(csv_path, cmp.to_csv(rows))
+        if plot is not None:
+            cmp.plot(loaded, plot)
+            if not (as_json or markdown):
+                typer.echo(f"plot: {plot}")
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="run directory (its latest checkpoint), checkpoint or model folder"),
+    n: Optional[int] = typer.Option(None, help="held-out problems (default: the run's eval_n)"),
+    k: Optional[int] = typer.Option(None, help="samples per problem for avg@k / pass@k"),
+    temperature: Optional[float] = typer.Option(None, help="sampling temperature"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML config (default: the run's own)"),
+    set_: list[str] = typer.Option([], "--set", help="key=value override, repeatable"),
+    as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Evaluate a finished run or checkpoint on the task's held-out set: greedy, avg@k, pass@k."""
+    with _user_errors(debug):
+        import torch
+
+        from entclip.config import resolve
+        from entclip.engine import derive_seed
+        from entclip.evaluation import evaluate as run_eval
+        from entclip.models import load_folder
+        from entclip.predict import resolve_model
+        from entclip.tasks.arithmetic import ArithmeticTask
+
+        path = resolve_model(model)
+        if config is None and (Path(model) / "config.yaml").exists():
+            config = str(Path(model) / "config.yaml")
+        sets = [*set_] + [f"{key}={v}" for key, v in (("eval_n", n), ("eval_k", k),
+                                                      ("eval_temperature", temperature)) if v is not None]
+        cfg = resolve(config_file=config, sets=sets)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+        policy, tokenizer, _ = load_folder(path)
+        torch.manual_seed(derive_seed(cfg.seed, "evaluate"))
+        res = run_eval(policy.eval(), tokenizer, task.test[:cfg.eval_n], task.verify, cfg.eval_k,
+                       cfg.eval_temperature, cfg.max_new_tokens)
+        res = {"model": str(path), "problems": min(cfg.eval_n, len(task.test)), "k": cfg.eval_k,
+               "temperature": cfg.eval_temperature, **res}
+        if as_json:
+            typer.echo(json.dumps(res, indent=2))
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            tab = Table(title=f"held-out evaluation of {path}", show_header=False)
+            for key, value in res.items():
+                tab.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            Console().print(tab)
 
 
 @app.command("predict-entropy")

@@ -1,0 +1,88 @@
+"""compare, sweeps (--seeds / --presets) and evaluate on real tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_sets
+from entclip import compare as cmp
+from entclip.cli import app
+from entclip.rundir import LoadedRun
+
+runner = CliRunner()
+
+
+def _sets(**overrides) -> list[str]:
+    return [a for item in tiny_sets(**overrides) for a in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    res = runner.invoke(app, ["train", "--seeds", "0,1", "--presets", "none,clip-b-active", "--out-dir", str(out),
+                              "--name", "g", "-q", *_sets(steps=3)])
+    assert res.exit_code == 0, res.output
+    return out / "g"
+
+
+def test_sweep_writes_one_run_per_preset_and_seed(group):
+    assert sorted(p.name for p in group.iterdir()) == ["clip-b-active-s0", "clip-b-active-s1", "none-s0", "none-s1"]
+    cfg = (group / "clip-b-active-s1" / "config.yaml").read_text()
+    assert "seed: 1" in cfg and "entropy_control: clip_b" in cfg
+
+
+def test_compare_groups_seeds_by_method_with_mean_and_std(group, tmp_path):
+    res = runner.invoke(app, ["compare", str(group), "--json", "--csv", str(tmp_path / "t.csv"),
+                              "--plot", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "clip-b-active"} and all(r["seeds"] == 2 for r in rows.values())
+    assert rows["none"]["eval_pass"]["mean"] is not None and rows["none"]["eval_pass"]["std"] is not None
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "t.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    md = runner.invoke(app, ["compare", str(group / "none-s0"), str(group / "none-s1"), "--markdown"]).output
+    assert md.startswith("| method | seeds |") and "| none | 2 |" in md
+
+
+def test_compare_statistics_on_hand_made_runs(tmp_path):
+    def run(name, ent, rew, k=4):
+        rows = [{"step": i + 1, "entropy/mean": e, "reward/mean": r, "clip/filter_frac": 0.1, "perf/step_s": 0.5}
+                for i, (e, r) in enumerate(zip(ent, rew))]
+        evals = [{"step": len(rows), "test/greedy_acc": 0.5, f"test/avg@{k}": 0.4, f"test/pass@{k}": 0.8}]
+        return LoadedRun(path=tmp_path / name, config={"eval_k": k}, metrics=rows, evals=evals)
+
+    runs = [run("a-s0", [0.5, 0.3, 0.1], [0.1, 0.2, 0.3]), run("a-s1", [0.5, 0.4, 0.3], [0.1, 0.2, 0.5]),
+            run("b-s0", [0.5, 0.5, 0.5], [0.0, 0.0, 0.0])]
+    rows = {r["method"]: r for r in cmp.table(runs, collapse=0.2)}
+    assert rows["a"]["seeds"] == 2 and math.isclose(rows["a"]["reward_final"]["mean"], 0.4)
+    assert math.isclose(rows["a"]["reward_final"]["std"], math.sqrt(0.02))
+    assert rows["a"]["collapse_step"]["mean"] == (3 + 4) / 2  # never collapsing counts as steps + 1
+    assert math.isclose(rows["b"]["entropy_auc"]["mean"], 0.5)
+    top = cmp.best(list(rows.values()))
+    assert top["reward_final"] == "a" and top["entropy_final"] == "b"
+
+
+def test_evaluate_a_finished_run(group):
+    res = runner.invoke(app, ["evaluate", str(group / "none-s0"), "--n", "8", "--k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["problems"] == 8 and {"greedy_acc", "avg@2", "pass@1", "pass@2"} <= data.keys()
+    assert data["pass@2"] >= data["pass@1"]
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["compare", "/nonexistent"], 3, "does not exist"),
+    (["train", "--seeds", "x"], 2, "expected integers"),
+    (["train", "--presets", "nope"], 2, "unknown preset"),
+    (["evaluate", "/nonexistent"], 3, "does not exist"),
+])
+def test_bad_compare_sweep_evaluate_input(args, code, needle):
+    res = runner.invoke(app, args)
+    assert res.exit_code == code and needle in res.output and len(res.output.strip().splitlines()) == 1
