@@ -78,6 +78,7 @@ class Trainer:
             ref_load = (lambda lg: load_policy(cfg, lg)) if resume else load
             self.ref = ref_load(lambda s: None)[0].to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
+        _disable_dropout(model)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.opt = self.accelerator.prepare(model, opt)
         total = cfg.steps * cfg.epochs * cfg.minibatches
@@ -86,6 +87,7 @@ class Trainer:
         self.nonfinite_streak = 0  # ... in a row, up to now
         self.stop_requested = False  # set by Ctrl-C: stop after the current step
         self.entropy_coef = cfg.entropy_coef  # adapted per step when entropy_target is set
+        self._first = None  # (rows, logits with graph) of the stats pass's first minibatch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     @property
@@ -112,41 +114,47 @@ class Trainer:
         rewards = torch.tensor([self.task.reward(c, a) for c, a in zip(roll.completions, answers)])
         return roll, rewards, correct
 
-    def batch_stats(self, roll: Rollout, account: bool = False) -> tuple[BatchStats, StepAccount | None]:
+    def batch_stats(self, roll: Rollout, minibatches: list[torch.Tensor],
+                    account: bool = False) -> tuple[BatchStats, StepAccount | None]:
         """Old log-probs and entropy statistics, one forward per minibatch, before any update.
 
-        With `account`, the same forward also gives grad_theta Hbar (one backward) and keeps the old
-        logits and parameters for the step's entropy accounting.
+        `minibatches` are the first epoch's row indices, so the first one's forward - taken with its
+        graph - is the first update's forward too: no duplicated pass. With `account`, the same
+        forwards also give grad_theta Hbar (one backward) and keep the old logits and parameters.
         """
         cfg, T = self.cfg, roll.completion_ids.shape[1]
-        parts: list[theory.TokenStats] = []
-        refs: list[torch.Tensor] = []
-        old_logits: list[torch.Tensor] = []
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        n_valid = max(int(mask.sum()), 1)
-        for s in range(0, ids.shape[0], cfg.minibatch_size):
-            rows = slice(s, s + cfg.minibatch_size)
-            with torch.set_grad_enabled(account):
+        B, n_valid = ids.shape[0], max(int(mask.sum()), 1)
+        out = {k: torch.empty(B, T, device=ids.device) for k in ("logp", "entropy", "disc", "baseline", "ref")}
+        old_logits = None
+        self._first = None
+        for i, rows in enumerate(minibatches):
+            with torch.set_grad_enabled(account or i == 0):
                 logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
-            parts.append(theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature))
+            st = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature)
+            for k in ("logp", "entropy", "disc", "baseline"):
+                out[k][rows] = getattr(st, k)
             if account:  # grad of Hbar = mean entropy over the batch's valid tokens
                 h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() / n_valid
-                self.accelerator.backward(h_part)
-                old_logits.append(logits.detach())
+                self.accelerator.backward(h_part, retain_graph=i == 0)
+                if old_logits is None:
+                    old_logits = torch.empty(B, T, logits.shape[-1], device=ids.device)
+                old_logits[rows] = logits.detach().float()
+            if i == 0:
+                self._first = (rows, logits)
             if self.ref is not None:
                 with torch.no_grad():
                     ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
-                refs.append(theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature))
-        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        stats = BatchStats(cat("logp"), cat("entropy"), cat("disc"), cat("baseline"),
-                           torch.cat(refs) if refs else None)
+                out["ref"][rows] = theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature)
+        stats = BatchStats(out["logp"], out["entropy"], out["disc"], out["baseline"],
+                           out["ref"] if self.ref is not None else None)
         if not account:
             return stats, None
         params = list(self.model.parameters())
         grad_h = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         self.opt.zero_grad(set_to_none=True)
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
-                           logits=torch.cat(old_logits), h_old=float(stats.entropy[mask.bool()].mean()),
+                           logits=old_logits, h_old=float(stats.entropy[mask.bool()].mean()),
                            n_valid=n_valid)
         return stats, acct
 
@@ -162,18 +170,21 @@ class Trainer:
         return logits, float(ent[mask.bool()].mean())
 
     def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
-               loss_mask: torch.Tensor, account: StepAccount | None = None) -> dict[str, float]:
-        """epochs x minibatches optimizer updates; returns update metrics averaged over them."""
+               loss_mask: torch.Tensor, epochs: list[list[torch.Tensor]],
+               account: StepAccount | None = None) -> dict[str, float]:
+        """One optimizer update per minibatch of `epochs`; returns update metrics averaged over them."""
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "minibatch", step))
         acc: dict[str, float] = {}
         n_updates = skipped = 0
         self.model.train()
-        for _ in range(cfg.epochs):
-            order = torch.randperm(ids.shape[0], generator=gen).to(ids.device)
-            for rows in order.split(cfg.minibatch_size):
-                logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+        for minibatches in epochs:
+            for rows in minibatches:
+                if self._first is not None and self._first[0] is rows:
+                    logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
+                else:
+                    logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+                self._first = None
                 logp = theory.token_logp(logits, roll.completion_ids[rows], cfg.temperature)
                 m = loss_mask[rows]
                 bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
@@ -225,6 +236,12 @@ class Trainer:
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
+    def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[torch.Tensor]]:
+        """Row indices of every minibatch of every epoch, shuffled per epoch from (seed, step)."""
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "minibatch", step))
+        return [list(torch.randperm(n_rows, generator=gen).to(device).split(self.cfg.minibatch_size))
+                for _ in range(self.cfg.epochs)]
+
     def step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         t0 = time.perf_counter()
@@ -237,13 +254,14 @@ class Trainer:
         account_now = cfg.entropy_accounting and step % cfg.accounting_every == 0
         self.accounting_s = 0.0
         t_stats = time.perf_counter()
-        stats, account = self.batch_stats(roll, account=account_now)
+        epochs = self.minibatch_plan(step, roll.completion_ids.shape[0], device)
+        stats, account = self.batch_stats(roll, epochs[0], account=account_now)
         t_stats = time.perf_counter() - t_stats
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", step))
         keep, filt = objective.batch_filter(cfg, self.accelerator, stats, adv_tok, mask, gen)
         # A filtered token leaves the loss entirely: its term and its share of the normalizer.
         loss_mask = mask * keep
-        upd = self.update(step, roll, stats, adv_tok, loss_mask, account)
+        upd = self.update(step, roll, stats, adv_tok, loss_mask, epochs, account)
         acct: dict[str, float] = {}
         if account is not None:
             t_acc = time.perf_counter()
@@ -310,6 +328,15 @@ class Trainer:
         self.entropy_coef = state["entropy_coef"]
         self.warm_start = state["warm_start"]
         return state
+
+
+def _disable_dropout(model) -> None:
+    """No dropout in RL: old and new log-probs must come from the same function (as TRL does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 class NonFiniteStop(Exception):

@@ -124,7 +124,8 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(roll.completion_ids.device)
     mask = roll.completion_mask  # (B, T)
     adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
-    stats, account = trainer.batch_stats(roll, account=apply)
+    plan = trainer.minibatch_plan(0, roll.completion_ids.shape[0], roll.completion_ids.device)
+    stats, account = trainer.batch_stats(roll, plan[0], account=apply)
     keep, filt = batch_filter(cfg, trainer.accelerator, stats, adv_tok, mask,
                               torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", 0)))
     loss_mask = mask * keep
@@ -148,7 +149,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
         totals[f"quad/{name}_pred"] = float(contrib[q].sum())
     applied = None
     if apply:
-        trainer.update(1, roll, stats, adv_tok, loss_mask, account)
+        trainer.update(1, roll, stats, adv_tok, loss_mask, plan, account)
         new_logits, h_new = trainer.entropy_after(roll)
         applied = account.finish(new_logits, h_new, [p.detach() for p in trainer.model.parameters()],
                                  stats, adv_tok, mask, cfg.temperature)

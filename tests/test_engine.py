@@ -121,7 +121,7 @@ def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
     trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None)
     roll, rewards, _ = trainer.rollout(1)
-    stats, _ = trainer.batch_stats(roll)
+    stats, _ = trainer.batch_stats(roll, trainer.minibatch_plan(1, roll.completion_ids.shape[0], "cpu")[0])
     adv = losses.group_advantages(rewards, cfg.group_size)[:, None].expand_as(roll.completion_mask)
     keep, out = batch_filter(cfg, trainer.accelerator, stats, adv, roll.completion_mask, torch.Generator())
     expected = losses.clip_b_mask(stats.disc, adv, roll.completion_mask, mu=0.3)
