@@ -147,6 +147,7 @@ def main() -> None:
             times = interleave(fns, args.reps)
             del logits, tokens, fns
             t_b = median(times["log_softmax"])
+            print(f"  {rows} rows {dname}: timed", flush=True)
             for name, ts in times.items():
                 c = int(name.split("=")[1]) if "=" in name else None
                 args.chunk = c

@@ -4,7 +4,7 @@ TRL is not a dependency of entclip; this script runs in a venv of its own:
 
     python3 -m venv /tmp/trl-venv
     /tmp/trl-venv/bin/pip install -q -c constraints-cpu.txt torch==2.13.0 trl==1.16.0 -e .
-    /tmp/trl-venv/bin/python benchmarks/vs_trl.py            # 1M model, 8 x 8, 100 steps each
+    /tmp/trl-venv/bin/python benchmarks/vs_trl.py            # 1M model, 8 x 8, 200 steps each
     /tmp/trl-venv/bin/python benchmarks/vs_trl.py --quick    # tests' tiny model, 8 steps each
 
 What is held equal: the same warm-started model folder and tokenizer (bos-prefixed "a+b=" prompts),
@@ -32,6 +32,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, median, set_threads, spread, table  # noqa: E402
@@ -105,7 +106,7 @@ class FloorGRPO:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100, help="timed steps per variant")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps per variant")
     ap.add_argument("--max-new-tokens", type=int, default=6, help="entclip's default is 6")
     ap.add_argument("--threads", type=int, default=1)
@@ -128,12 +129,13 @@ def main() -> None:
         os.environ["ENTCLIP_CACHE"] = args.cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not ours
     print(f"machine: {machine()}")
     set_threads(args.threads)
     import torch
     import transformers
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from entclip import engine
@@ -157,7 +159,7 @@ def main() -> None:
     for name, extra in {"entclip": ["entropy_control=none", "entropy_accounting=false"],
                         "entclip clip_v+accounting": ["entropy_control=clip_v", "entropy_accounting=true"]}.items():
         tr = engine.Trainer(resolve(sets=common + extra), None, log=lambda s: None, model_path=path)
-        runners[name] = (lambda tr=tr: lambda i: tr.step(i))()
+        runners[name] = tr.step
     floor = FloorGRPO(path, task, 8, 8, args.max_new_tokens, 1e-4, seed=0)
     runners["floor (hand-written)"] = lambda i: floor.step()
     lengths = {"entclip": [], "entclip clip_v+accounting": []}
@@ -215,6 +217,7 @@ def main() -> None:
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=reward, args=targs,
                           train_dataset=ds, processing_class=AutoTokenizer.from_pretrained(path),
                           callbacks=[Interleave()])
+    trainer.remove_callback(PrinterCallback)  # its log dicts would bury the table (logging still runs)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     trainer.train()

@@ -110,13 +110,17 @@ def table(runs: list[LoadedRun], collapse: float = 0.2) -> list[dict[str, Any]]:
     return rows
 
 
-def best(rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Column key -> the method with the best mean (columns with a direction only)."""
+def best(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Column key -> the methods with the best mean (all of them on a tie; none if all tie)."""
     out = {}
     for key, _, higher in COLUMNS:
         vals = [(r[key]["mean"], r["method"]) for r in rows if r[key]["mean"] is not None]
-        if higher is not None and len(vals) > 1:
-            out[key] = (max if higher else min)(vals)[1]
+        if higher is None or len(vals) < 2:
+            continue
+        top = (max if higher else min)(v for v, _ in vals)
+        winners = [m for v, m in vals if math.isclose(v, top, rel_tol=1e-9, abs_tol=1e-12)]
+        if len(winners) < len(vals):
+            out[key] = winners
     return out
 
 
@@ -140,7 +144,7 @@ def markdown(rows: list[dict[str, Any]], collapse: float) -> str:
     lines = ["| " + " | ".join(headers(rows, collapse)) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for r in rows:
         cells = [_cell(r[key], r["seeds"]) for key, _, _ in COLUMNS]
-        cells = [f"**{c}**" if top.get(key) == r["method"] else c for (key, _, _), c in zip(COLUMNS, cells)]
+        cells = [f"**{c}**" if r["method"] in top.get(key, []) else c for (key, _, _), c in zip(COLUMNS, cells)]
         lines.append("| " + " | ".join([r["method"], str(r["seeds"]), *cells]) + " |")
     return "\n".join(lines)
 
@@ -167,7 +171,8 @@ def render(rows: list[dict[str, Any]], console, collapse: float) -> None:
         tab.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         cells = [_cell(r[key], r["seeds"]) for key, _, _ in COLUMNS]
-        cells = [f"[bold green]{c}[/]" if top.get(key) == r["method"] else c for (key, _, _), c in zip(COLUMNS, cells)]
+        cells = [f"[bold green]{c}[/]" if r["method"] in top.get(key, []) else c
+                 for (key, _, _), c in zip(COLUMNS, cells)]
         tab.add_row(r["method"], str(r["seeds"]), *cells)
     console.print(tab)
 
@@ -197,7 +202,7 @@ def plot(runs: list[LoadedRun], path: Path) -> None:
             line, = ax.plot(range(1, n + 1), mean, label=f"{name} ({len(members)})", linewidth=1.2)
             if len(members) > 1:
                 ax.fill_between(range(1, n + 1), [min(c) for c in cols], [max(c) for c in cols],
-                                color=line.get_color(), alpha=0.15)
+                                color=line.get_color(), alpha=0.08)
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)

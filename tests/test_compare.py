@@ -66,7 +66,9 @@ def test_compare_statistics_on_hand_made_runs(tmp_path):
     assert rows["a"]["collapse_step"]["mean"] == (3 + 4) / 2  # never collapsing counts as steps + 1
     assert math.isclose(rows["b"]["entropy_auc"]["mean"], 0.5)
     top = cmp.best(list(rows.values()))
-    assert top["reward_final"] == "a" and top["entropy_final"] == "b"
+    assert top["reward_final"] == ["a"] and top["entropy_final"] == ["b"]
+    tied = cmp.table([run("c-s0", [0.5] * 3, [0.1] * 3), run("d-s0", [0.5] * 3, [0.1] * 3)])
+    assert "reward_final" not in cmp.best(tied)  # all tied: nothing marked
 
 
 def test_evaluate_a_finished_run(group):
