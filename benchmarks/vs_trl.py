@@ -226,8 +226,10 @@ def main() -> None:
 
     # TRL's per-step cost includes its loop between steps (logging every 10, fetching the batch).
     n = min(len(rec["TRL GRPOTrainer"]), len(trl_gap))
-    rec["TRL GRPOTrainer"] = [s + g for s, g in zip(rec["TRL GRPOTrainer"][:n], trl_gap[:n])]
-    lens = {"TRL GRPOTrainer": trl_len, "floor (hand-written)": floor.lengths, **lengths}
+    step_only = rec["TRL GRPOTrainer"]
+    rec["TRL GRPOTrainer"] = [s + g for s, g in zip(step_only[:n], trl_gap[:n])]
+    rec["TRL, step only (no loop)"] = step_only
+    lens = {"TRL GRPOTrainer": trl_len, "TRL, step only (no loop)": trl_len, "floor (hand-written)": floor.lengths, **lengths}
     t_trl, t_floor = median(rec["TRL GRPOTrainer"]), median(rec["floor (hand-written)"])
     rows = []
     for name, ts in rec.items():

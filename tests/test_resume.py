@@ -136,3 +136,19 @@ def test_too_many_non_finite_updates_stop_with_a_good_checkpoint(tmp_path, monke
     assert loaded.summary["status"] == "failed" and loaded.summary["checkpoint"].endswith("step_000003")
     weights = load_file(run.path / loaded.summary["checkpoint"] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from entclip.engine import _rng_state, _set_rng_state
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    torch.save(_rng_state(), tmp_path / "s.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(2), random.seed(2), np.random.seed(2)
+    _set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
