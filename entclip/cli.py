@@ -225,7 +225,11 @@ def _report_done(summary: dict, path: Path, quiet: bool) -> None:
         typer.echo(str(path))
         return
     f, ev0, ev = summary["final"], summary["eval_first"], summary["eval_last"]
-    typer.echo(f"done in {summary['wall_s']:.1f} s: entropy {summary['entropy']['first']:.3f} -> "
+    ws = summary.get("warm_start") or {}
+    warm = ""
+    if "cached" in ws:  # the built-in model: say what the warm start cost (the summary's wall excludes it)
+        warm = " after a cached warm start" if ws["cached"] else f" after a {ws['seconds']:.0f} s warm start"
+    typer.echo(f"done in {summary['wall_s']:.1f} s{warm}: entropy {summary['entropy']['first']:.3f} -> "
                f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, held-out greedy "
                f"accuracy {ev0['test/greedy_acc']:.3f} -> {ev['test/greedy_acc']:.3f}, "
                f"filter share {f['clip/filter_frac']:.4f}")
