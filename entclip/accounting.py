@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entclip import losses, theory  # noqa: F401
+from entclip import losses, theory
 
 QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1), "neg_devneg": (-1, -1)}
 
