@@ -7,9 +7,12 @@ cancels out of the ratios. Absolute seconds are printed for context only.
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -39,6 +42,13 @@ def machine() -> str:
         pass
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{cpu}, {os.cpu_count()} cores{mem}, load average {load}"
+
+
+def temp_dir(prefix: str) -> str:
+    """A temporary folder removed when the script exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, median, set_threads, table  # noqa: E402
+from _common import machine, median, set_threads, table, temp_dir  # noqa: E402
 
 # The tests' tiny settings (tests/conftest.py TINY): a full step in a few milliseconds.
 TINY = {
@@ -87,7 +86,7 @@ def main() -> None:
     if args.quick:
         args.steps = min(args.steps, 12)
         base = [f"{k}={v}" for k, v in TINY.items()] + base
-        args.cache = args.cache or tempfile.mkdtemp(prefix="entclip-bench-cache-")
+        args.cache = args.cache or temp_dir("entclip-bench-cache-")
     if args.cache:
         os.environ["ENTCLIP_CACHE"] = args.cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

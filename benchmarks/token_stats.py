@@ -47,8 +47,8 @@ def default_chunk(vocab: int) -> int:
     return max(1, getattr(theory, "_CHUNK_ELEMENTS", 2**24) // vocab)
 
 
-def make_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random logits filled a slice at a time, so that building them never needs a float32 copy."""
+def make_logits(rows: int, vocab: int, dtype: torch.dtype, seed: int = 0):
+    """(rows, V) random logits and (rows,) tokens; filled a slice at a time, never a float32 copy."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.empty(rows, vocab, dtype=dtype)
     step = 64
@@ -103,12 +103,12 @@ def memory(variant: str, rows: int, dtype: str, args) -> tuple[int, bool]:
 
 def profile(rows: int, dtype: torch.dtype, chunk: int, vocab: int) -> None:
     """Where token_stats' time goes: torch profiler's operator table for one call."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch import profiler
 
     logits, tokens = make_logits(rows, vocab, dtype)
     fn = make_variant(f"chunk={chunk}", logits, tokens)
     fn()
-    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as prof:
         fn()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
@@ -154,16 +154,17 @@ def main() -> None:
             t_naive, t_out = median(times[NAIVE]), median(times[OUT])
             for name in names:
                 ts, (mem, exact) = times[name], memory(name, rows, dname, args)
-                own = f"{mem / (int(name.split('=')[1]) * row_bytes):.2f}" if name.startswith("chunk") else "-"
+                is_ts = name.startswith("chunk")
+                own = f"{mem / (int(name.split('=')[1]) * row_bytes):.2f}" if is_ts else "-"
                 label = f"token_stats {name}" + (" (default)" if name == f"chunk={default}" else "")
-                out.append([rows, dname, label if name.startswith("chunk") else name,
-                            f"{median(ts):.3f} ({spread(ts)})", f"**{median(ts) / t_naive:.2f}x**",
-                            f"{median(ts) / t_out:.2f}x", f"{mem / 2**20:.0f}" + ("" if exact else " (upper bound)"),
+                out.append([rows, dname, label if is_ts else name, f"{median(ts):.3f} ({spread(ts)})",
+                            f"**{median(ts) / t_naive:.2f}x**", f"{median(ts) / t_out:.2f}x",
+                            f"{mem / 2**20:.0f}" + ("" if exact else " (upper bound)"),
                             f"**{mem / unit:.2f}**", own])
     print()
     table(["rows (B*T)", "logits", "variant", "median s (min..max)", "vs log_softmax (target <= 1.5x)",
-           "vs log_softmax out=", "peak extra MiB", f"in default chunks of {unit / 2**20:.1f} MiB (target <= 1)",
-           "in its own chunks"], out)
+           "vs log_softmax out=", "peak extra MiB",
+           f"in default chunks of {unit / 2**20:.1f} MiB (target <= 1)", "in its own chunks"], out)
     if args.profile:
         for dname in args.dtypes.split(","):
             print(f"\nprofile: token_stats chunk={chunks[0]}, {args.rows.split(',')[0]} rows, {dname}")

@@ -30,12 +30,11 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, median, set_threads, spread, table  # noqa: E402
+from _common import machine, median, set_threads, spread, table, temp_dir  # noqa: E402
 
 VENV_HINT = """trl is not importable in this interpreter ({exe}).
 The TRL comparison runs in its own venv (TRL is not an entclip dependency). From the repo root:
@@ -124,7 +123,7 @@ def main() -> None:
     if args.quick:
         args.steps = min(args.steps, 8)
         model_sets = [f"{k}={v}" for k, v in TINY.items()]
-        args.cache = args.cache or tempfile.mkdtemp(prefix="entclip-bench-cache-")
+        args.cache = args.cache or temp_dir("entclip-bench-cache-")
     if args.cache:
         os.environ["ENTCLIP_CACHE"] = args.cache
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,8 +155,9 @@ def main() -> None:
     task = ArithmeticTask(max_operand=cfg0.max_operand, n_test=cfg0.n_test)
 
     runners = {}
-    for name, extra in {"entclip": ["entropy_control=none", "entropy_accounting=false"],
-                        "entclip clip_v+accounting": ["entropy_control=clip_v", "entropy_accounting=true"]}.items():
+    entclip_variants = {"entclip": ["entropy_control=none", "entropy_accounting=false"],
+                        "entclip clip_v+accounting": ["entropy_control=clip_v", "entropy_accounting=true"]}
+    for name, extra in entclip_variants.items():
         tr = engine.Trainer(resolve(sets=common + extra), None, log=lambda s: None, model_path=path)
         runners[name] = tr.step
     floor = FloorGRPO(path, task, 8, 8, args.max_new_tokens, 1e-4, seed=0)
@@ -203,7 +203,7 @@ def main() -> None:
     def reward(prompts, completions, answer, **kw):
         return [task.reward(c, a) for c, a in zip(completions, answer)]
 
-    out_dir = tempfile.mkdtemp(prefix="trl-bench-")
+    out_dir = temp_dir("trl-bench-")
     targs = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, report_to="none", disable_tqdm=True,
         save_strategy="no", logging_steps=10, seed=0, max_steps=total, dataloader_num_workers=0,
@@ -229,7 +229,8 @@ def main() -> None:
     step_only = rec["TRL GRPOTrainer"]
     rec["TRL GRPOTrainer"] = [s + g for s, g in zip(step_only[:n], trl_gap[:n])]
     rec["TRL, step only (no loop)"] = step_only
-    lens = {"TRL GRPOTrainer": trl_len, "TRL, step only (no loop)": trl_len, "floor (hand-written)": floor.lengths, **lengths}
+    lens = {"TRL GRPOTrainer": trl_len, "TRL, step only (no loop)": trl_len,
+            "floor (hand-written)": floor.lengths, **lengths}
     t_trl, t_floor = median(rec["TRL GRPOTrainer"]), median(rec["floor (hand-written)"])
     rows = []
     for name, ts in rec.items():
