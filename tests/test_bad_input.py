@@ -125,6 +125,5 @@ def test_bad_input_gets_one_line_its_exit_code_and_changes_nothing(tmp_path, cas
 
 def test_the_corpus_covers_every_command_and_at_least_25_cases():
     assert len(CASES) >= 25
-    assert {c[1].__code__.co_consts for c in CASES}  # (non-empty)
     commands = {c[0].split("-")[0] for c in CASES}
     assert {"analyze", "predict", "resume"} <= commands
