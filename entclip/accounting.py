@@ -24,6 +24,23 @@ from entclip import losses, theory
 QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1), "neg_devneg": (-1, -1)}
 
 
+def quadrants(deviation: torch.Tensor, adv_tok: torch.Tensor, mask: torch.Tensor,
+              contrib: torch.Tensor) -> dict[str, float]:
+    """(A > 0 / A < 0) x (deviation > 0 / < 0): share of valid tokens and summed contribution each.
+
+    All (B, T); `contrib` is each token's predicted entropy change (Theorem 3.3).
+    """
+    valid = mask.bool()
+    n_valid = max(int(valid.sum()), 1)
+    dev_sign, adv_sign = torch.sign(deviation), torch.sign(adv_tok)
+    out = {}
+    for name, (a, d) in QUADRANTS.items():
+        q = valid & (adv_sign == a) & (dev_sign == d)
+        out[f"quad/{name}_share"] = float(q.sum()) / n_valid
+        out[f"quad/{name}_pred"] = float(contrib[q].sum())
+    return out
+
+
 def loss_weights(mask: torch.Tensor, mode: str, constant: float | None) -> torch.Tensor:
     """(b, T) weight of each token's term in the aggregated loss (aggregate is linear in it)."""
     x = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
@@ -74,10 +91,5 @@ class StepAccount:
                "entropy/pred_dz": float(dz_pred[valid].sum()) / self.n_valid,
                "entropy/measured": new_entropy_mean - self.h_old,
                "entropy/mean_after": new_entropy_mean}
-        dev_sign = torch.sign(stats_old.disc - stats_old.baseline)
-        adv_sign = torch.sign(adv_tok)
-        for name, (a, d) in QUADRANTS.items():
-            q = valid & (adv_sign == a) & (dev_sign == d)
-            out[f"quad/{name}_share"] = float(q.sum()) / self.n_valid
-            out[f"quad/{name}_pred"] = float(self.contrib[q].sum())
+        out.update(quadrants(stats_old.disc - stats_old.baseline, adv_tok, mask, self.contrib))
         return out

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from entclip import losses, theory
-from entclip.accounting import QUADRANTS, loss_weights
+from entclip.accounting import loss_weights, quadrants
 from entclip.config import Config
 from entclip.errors import BAD_DATA, NOT_FOUND, EntclipError
 from entclip.tasks.arithmetic import Problem
@@ -135,7 +135,6 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     drive = unit * weights * loss_mask / n_valid  # (B, T) without the learning rate
     contrib = cfg.lr * drive
     records = _records(trainer.tokenizer, roll, stats, adv_tok, keep, contrib, cfg.group_size)
-    dev_sign, adv_sign = torch.sign(stats.disc - stats.baseline), torch.sign(adv_tok)
     valid = mask.bool()
     totals: dict[str, float] = {
         "tokens": n_valid, "sequences": int(mask.shape[0]), "reward/mean": float(rewards.mean()),
@@ -143,10 +142,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
         "entropy/pred_logit": float(contrib.sum()), "entropy/pred_logit_drive": float(drive.sum()),
         "disc/mean": float(stats.disc[valid].mean()),
         "disc/dev_mean": float((stats.disc - stats.baseline)[valid].mean()), **filt}
-    for name, (a, d) in QUADRANTS.items():
-        q = valid & (adv_sign == a) & (dev_sign == d)
-        totals[f"quad/{name}_share"] = float(q.sum()) / n_valid
-        totals[f"quad/{name}_pred"] = float(contrib[q].sum())
+    totals.update(quadrants(stats.disc - stats.baseline, adv_tok, mask, contrib))
     applied = None
     if apply:
         trainer.update(1, roll, stats, adv_tok, loss_mask, plan, account)
