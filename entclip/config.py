@@ -40,10 +40,39 @@ class Config:
     max_nonfinite: int = _f(3, "stop after this many non-finite updates in a row (each is skipped)")
     samples_per_step: int = _f(2, "rollouts per step written to samples.jsonl")
     # ---- task and model -------------------------------------------------------------------
-    task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task")
+    task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task (used when no dataset is set)")
+    dataset: str | None = _f(None, "training prompts: a Hugging Face dataset id or a local "
+                             ".jsonl/.json/.csv/.parquet file (null = the built-in task)")
+    dataset_config: str | None = _f(None, "the dataset's configuration name, if it has several")
+    dataset_split: str = _f("train", "the dataset split to train on")
+    prompt_field: str = _f("prompt", "dataset column with the problem (dots reach nested fields; a list "
+                           "of chat messages is used as the conversation)")
+    answer_field: str = _f("answer", "dataset column with the reference answer (dots reach nested fields)")
+    prompt_template: str = _f("{prompt}", "text around each problem; {prompt} is replaced by it")
+    system_prompt: str | None = _f(None, "system message for chat templates (null = none)")
+    chat_template: Literal["auto", "on", "off"] = _f(
+        "auto", "wrap prompts in the tokenizer's chat template (auto = when the tokenizer has one)")
+    max_prompt_tokens: int = _f(1024, "dataset prompts longer than this (after templating) are skipped")
+    max_train_prompts: int | None = _f(None, "use only the first N training prompts after filtering")
+    eval_sets: tuple = _f((), "held-out sets for a dataset run: a list of {name, source, split, config, "
+                          "prompt_field, answer_field, n}; source defaults to the training dataset")
+    reward: str = _f("auto", "comma-separated NAME[=WEIGHT]: exact, math (math-verify), format (a \\boxed "
+                     "answer) or module:function; auto = exact for the built-in task, math for datasets")
+    reward_timeout: float = _f(10.0, "seconds one completion's reward may take (math and custom rewards "
+                               "run in a worker process; a timeout or error scores 0 and is counted)")
     max_operand: int = _f(99, "arithmetic: operands are drawn from 0..max_operand")
     n_test: int = _f(500, "arithmetic: problems held out for evaluation")
-    model: Literal["tiny"] = _f("tiny", "policy model; 'tiny' = the built-in Qwen2-style model")
+    model: str = _f("tiny", "policy: 'tiny' (built-in, warm-started), a local model folder, a .gguf file, "
+                    "or a Hugging Face id")
+    trust_remote_code: bool = _f(False, "let transformers run a model's own code (only for models you trust)")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = _f(
+        "auto", "fp32; bf16-mixed = fp32 weights, bf16 autocast; bf16 = bf16 weights (half the memory, "
+        "updates below bf16 resolution are lost); auto = bf16-mixed on a bf16 GPU, else fp32")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)")
+    micro_batch_size: int | None = _f(None, "sequences per forward/backward; gradients accumulate up to "
+                                      "the minibatch (null = the whole minibatch)")
+    generation_batch_size: int | None = _f(None, "sequences per generate call (null = the whole rollout batch)")
+    sampler: Literal["hf"] = _f("hf", "sampling backend (hf = transformers generate with the KV cache)")
     tiny_hidden: int = _f(128, "tiny model: hidden size")
     tiny_layers: int = _f(4, "tiny model: transformer layers")
     tiny_heads: int = _f(4, "tiny model: attention heads")
@@ -133,7 +162,9 @@ class Config:
         return self.clip_v_mu if self.entropy_control == "clip_v" else self.clip_b_mu
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["eval_sets"] = [dict(e) for e in self.eval_sets]  # YAML-safe lists, not tuples
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -195,6 +226,17 @@ def _validate(c: Config) -> None:
     _need(c.dual_clip_c is None or c.dual_clip_c > 1, f"dual_clip_c={c.dual_clip_c}: must be > 1 (e.g. 3.0)")
     _need(c.entropy_coef >= 0 and c.entropy_coef_delta >= 0 and c.entropy_coef_max >= 0,
           "entropy_coef, entropy_coef_delta and entropy_coef_max must not be negative")
+    for name in ["micro_batch_size", "generation_batch_size", "max_train_prompts"]:
+        value = getattr(c, name)
+        _need(value is None or value >= 1, f"{name}={value}: must be at least 1 or null")
+    _need(c.max_prompt_tokens >= 1, f"max_prompt_tokens={c.max_prompt_tokens}: must be at least 1")
+    _need(c.reward_timeout >= 0, f"reward_timeout={c.reward_timeout}: seconds, not negative "
+          "(0 = rewards run in-process without a timeout)")
+    _need("{prompt}" in c.prompt_template, f"prompt_template {c.prompt_template!r} has no {{prompt}}; "
+          "add {prompt} where the problem goes")
+    _need(bool(c.model.strip()), "model is empty; use tiny, a model folder or a Hugging Face id")
+    _need(c.model != "tiny" or c.precision in ("auto", "fp32"),
+          f"precision={c.precision} is for GPU models; the built-in tiny model trains in fp32")
     _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
           f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
 
@@ -203,6 +245,8 @@ def _validate(c: Config) -> None:
 
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise a message naming the fix."""
+    if name == "eval_sets":
+        return _coerce_eval_sets(value)
     hint = typing.get_type_hints(Config)[name]
     default = FIELDS[name].default
     args = typing.get_args(hint)
@@ -242,6 +286,35 @@ def _coerce(name: str, value: Any) -> Any:
             raise EntclipError(bad)
         return str(value)
     raise AssertionError(f"unhandled type {hint} for {name}")
+
+
+EVAL_SET_KEYS = ("name", "source", "split", "config", "prompt_field", "answer_field", "n")
+
+
+def _coerce_eval_sets(value: Any) -> tuple:
+    """A list of mappings (YAML) -> tuple of dicts with known keys, each with a unique name."""
+    example = "e.g. eval_sets: [{name: math500, source: HuggingFaceH4/MATH-500, split: test}]"
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise EntclipError(f"eval_sets={value!r}: expected a list of mappings; {example}")
+    out, names = [], set()
+    for item in value:
+        if not isinstance(item, dict) or "name" not in item:
+            raise EntclipError(f"eval_sets item {item!r}: expected a mapping with a name; {example}")
+        unknown = [k for k in item if k not in EVAL_SET_KEYS]
+        if unknown:
+            raise EntclipError(f"eval_sets item {item['name']!r}: unknown key {unknown[0]!r}; "
+                               f"use {', '.join(EVAL_SET_KEYS)}")
+        if item["name"] in names:
+            raise EntclipError(f"eval_sets: two sets named {item['name']!r}; give each a unique name")
+        names.add(item["name"])
+        if item.get("n") is not None and (not isinstance(item["n"], int) or item["n"] < 1):
+            raise EntclipError(f"eval_sets item {item['name']!r}: n={item['n']!r} must be a positive integer")
+        out.append({k: (item[k] if k == "n" or item[k] is None else str(item[k])) for k in item})
+    return tuple(out)
 
 
 def _type_name(hint: Any) -> str:
