@@ -56,7 +56,7 @@ def dual_clip(
 
 def entropy_bonus_term(
     entropy: torch.Tensor, mask: torch.Tensor, coef: float, mode: str = "token-mean",
-    constant: float | None = None,
+    constant: float | None = None, denominator: float | None = None,
 ) -> torch.Tensor:
     """coef * aggregate(H): the entropy bonus (THEORY.md), a scalar to SUBTRACT from the loss.
 
@@ -64,7 +64,7 @@ def entropy_bonus_term(
     flows through H, so minimizing loss - term raises entropy when coef > 0. Aggregated like the
     policy loss (losses.aggregate modes), so the bonus weighs tokens the same way.
     """
-    return coef * aggregate(entropy, mask, mode, constant)
+    return coef * aggregate(entropy, mask, mode, constant, denominator)
 
 
 def adapt_entropy_coef(

@@ -64,18 +64,35 @@ def _plan(cfg, path: Path) -> str:
         filt += f", max_frac={cfg.clip_v_max_frac})" if cfg.entropy_control == "clip_v" else ")"
     if cfg.entropy_control == "sign":
         filt = f"sign (deviation {cfg.sign_deviation}, samples {cfg.sign_samples})"
+    if cfg.dataset:
+        task = (f"dataset {cfg.dataset}" + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
+                + f", split {cfg.dataset_split}, fields {cfg.prompt_field} / {cfg.answer_field}, prompts "
+                f"<= {cfg.max_prompt_tokens} tokens, chat template {cfg.chat_template}")
+        evals = ", ".join(e["name"] for e in cfg.eval_sets) or "none"
+    else:
+        task = f"{cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)"
+        evals = f"{cfg.eval_n} held-out problems"
+    if cfg.model == "tiny":
+        model = (f"tiny (hidden {cfg.tiny_hidden}, {cfg.tiny_layers} layers), supervised warm start to "
+                 f"{cfg.warmup_target_acc:.0%} greedy accuracy (cached)")
+    else:
+        from entclip.plan import resolve_precision
+
+        model = (f"{cfg.model} ({resolve_precision(cfg)}"
+                 + (", gradient checkpointing" if cfg.gradient_checkpointing else "")
+                 + (", trust_remote_code" if cfg.trust_remote_code else "") + ")")
     return "\n".join([
         f"run directory : {path}",
-        f"task          : {cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)",
-        f"model         : {cfg.model} (hidden {cfg.tiny_hidden}, {cfg.tiny_layers} layers), supervised "
-        f"warm start to {cfg.warmup_target_acc:.0%} greedy accuracy (cached)",
+        f"task          : {task}",
+        f"model         : {model}",
+        f"reward        : {cfg.reward} (timeout {cfg.reward_timeout} s)",
         f"steps         : {cfg.steps} x {cfg.prompts_per_step} prompts x {cfg.group_size} samples "
         f"= {cfg.batch_size} sequences/step; {updates} update(s)/step of {cfg.minibatch_size}, "
         f"{cfg.steps * updates} updates in all",
         f"objective     : clipped surrogate eps {cfg.eps_low}/{cfg.eps_high}, {cfg.loss_agg}, "
         f"kl_coef {cfg.kl_coef}, lr {cfg.lr} ({cfg.lr_schedule})",
         f"token filter  : {filt}",
-        f"evaluation    : every {cfg.eval_every or cfg.steps} steps on {cfg.eval_n} held-out problems, "
+        f"evaluation    : every {cfg.eval_every or cfg.steps} steps on {evals}, "
         f"greedy + avg@{cfg.eval_k}/pass@k at T={cfg.eval_temperature}",
     ])
 
@@ -130,16 +147,66 @@ def train(
         path = _run_path(cfg)
         if dry_run:
             typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + _plan(cfg, path))
+            _dry_run_checks(cfg)
             return
         from entclip.console import Progress
         from entclip.engine import train as run_train
-        from entclip.rundir import RunDir
 
+        run, main = _create_run(cfg, path, overwrite)
+        with Progress(cfg.steps, quiet=quiet or not main, log_every=cfg.log_every) as progress:
+            summary = run_train(cfg, run, log=progress.log if main else lambda s: None, on_step=progress.step)
+        if main:
+            _report_done(summary, path, quiet)
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _create_run(cfg, path: Path, overwrite: bool):
+    """The run directory, made once: by the main process when `accelerate launch` started several
+    (they agree on its name first; the others only read it). Returns (run, is_main)."""
+    from entclip.rundir import RunDir
+
+    if _world_size() == 1:
         run = RunDir.create(path, overwrite=overwrite)
         run.write_config(cfg.to_yaml())
-        with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
-            summary = run_train(cfg, run, log=progress.log, on_step=progress.step)
-        _report_done(summary, path, quiet)
+        return run, True
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())  # as the Trainer's
+    names = broadcast_object_list([str(path)], from_process=0)
+    path = Path(names[0])
+    if state.is_main_process:
+        run = RunDir.create(path, overwrite=overwrite)
+        run.write_config(cfg.to_yaml())
+    state.wait_for_everyone()
+    return (run if state.is_main_process else RunDir(path)), state.is_main_process
+
+
+def _dry_run_checks(cfg) -> None:
+    """For a Hugging Face model or dataset: can everything be reached, and what memory it needs."""
+    if cfg.model == "tiny" and not cfg.dataset:
+        return
+    from entclip.errors import NOT_FOUND
+    from entclip.plan import memory_estimate, model_config, reachability, render_memory
+
+    problems = reachability(cfg)
+    if cfg.model != "tiny":
+        try:
+            est = memory_estimate(cfg, model_config(cfg), _world_size())
+            typer.echo("# memory estimate per GPU\n" + "\n".join(render_memory(est)))
+        except EntclipError:
+            typer.echo("# memory estimate per GPU\nneeds the model's config, which cannot be read (below)")
+    if problems:
+        for line in problems[:-1]:
+            _stderr().print(f"[red]error:[/red] {line}", soft_wrap=True)
+        raise EntclipError(problems[-1], NOT_FOUND)
+    typer.echo("# checks\nmodel, dataset and eval sets are reachable")
 
 
 def _split(text: str | None, what: str) -> list[str]:

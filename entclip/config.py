@@ -39,6 +39,8 @@ class Config:
     keep_checkpoints: int = _f(2, "keep only the newest K checkpoints (0 = keep all)")
     max_nonfinite: int = _f(3, "stop after this many non-finite updates in a row (each is skipped)")
     samples_per_step: int = _f(2, "rollouts per step written to samples.jsonl")
+    log_filter: bool = _f(False, "write filter.jsonl: per step, each sequence's tokens and the positions "
+                          "the token filter dropped (all processes gathered)")
     # ---- task and model -------------------------------------------------------------------
     task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task (used when no dataset is set)")
     dataset: str | None = _f(None, "training prompts: a Hugging Face dataset id or a local "
@@ -82,7 +84,7 @@ class Config:
     warmup_target_acc: float = _f(0.5, "supervised warm start stops at this greedy train accuracy")
     cache_dir: str | None = _f(None, "warm-start cache (default: $ENTCLIP_CACHE or ~/.cache/entclip)")
     # ---- GRPO (algorithm) -----------------------------------------------------------------
-    prompts_per_step: int = _f(8, "prompts per rollout batch (per process)")
+    prompts_per_step: int = _f(8, "prompts per rollout batch (all processes together; each takes an equal share)")
     group_size: int = _f(8, "G: completions sampled per prompt")
     max_new_tokens: int = _f(6, "completion length limit in tokens")
     temperature: float = _f(1.0, "rollout temperature; all token statistics use the same T")
@@ -146,7 +148,7 @@ class Config:
     # ---- derived values (properties, never fields) ----------------------------------------
     @property
     def batch_size(self) -> int:
-        """Sequences per rollout batch (per process)."""
+        """Sequences per rollout batch (all processes together)."""
         return self.prompts_per_step * self.group_size
 
     @property
@@ -258,6 +260,8 @@ def _coerce(name: str, value: Any) -> Any:
     bad = f"{name}={value!r}: expected {_type_name(hint)}; e.g. --set {name}={default}"
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices:
             raise EntclipError(f"{name}={value!r}: choose one of {', '.join(map(str, choices))}")
         return value

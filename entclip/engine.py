@@ -26,10 +26,13 @@ from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import FAILED, INTERRUPTED, EntclipError
 from entclip.models import load_folder, load_policy, quiet_libraries
-from entclip.rollout import Rollout, completion_logits, sample
+from entclip.rollout import HFSampler, Rollout, completion_logits
 from entclip.rundir import RunDir, load_trainer_state, save_checkpoint
 
 Log = Callable[[str], None]
+# Entropy accounting keeps the old logits (B, T, V) for pred_dz only up to this many elements
+# (about 1 GiB in float32); larger batches or vocabularies report pred_param and measured only.
+ACCOUNT_LOGITS_MAX = 2**28
 OnStep = Callable[[int, dict[str, float]], None]
 
 
@@ -55,11 +58,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, run: RunDir | None, log: Log, on_step: OnStep = lambda s, m: None,
                  model_path: str | None = None, resume: bool = False):
-        """`model_path`: a save_pretrained folder to start from instead of the warm-started tiny model;
+        """`model_path`: a model to start from instead of cfg.model (a checkpoint, a folder or an id);
         with `resume` it is the run's checkpoint and the KL reference stays the run's own start."""
         from accelerate import Accelerator
 
-        from entclip.tasks.arithmetic import ArithmeticTask
+        from entclip.plan import resolve_precision
+        from entclip.rewards import RewardRunner
 
         self.cfg, self.run_dir, self.log, self.on_step = cfg, run, log, on_step
         quiet_libraries()
@@ -67,28 +71,73 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise EntclipError("device=cuda but no CUDA device is visible; use --set device=cpu or auto")
-        self.accelerator = Accelerator(cpu=cfg.device == "cpu")
+        self.precision = resolve_precision(cfg)
+        # cpu=True also when no GPU is visible: it is what makes accelerate use gloo across CPU processes.
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
+                                       mixed_precision="bf16" if self.precision == "bf16-mixed" else "no")
+        n_proc = self.accelerator.num_processes
+        if cfg.prompts_per_step % n_proc or (cfg.batch_size // n_proc) % cfg.minibatches:
+            raise EntclipError(f"prompts_per_step={cfg.prompts_per_step} x group_size={cfg.group_size} does not "
+                               f"split into {n_proc} processes x {cfg.minibatches} minibatches; use a multiple "
+                               f"of {n_proc} prompts and a minibatches that divides each process's rows")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
-        load = (lambda lg: load_folder(model_path)) if model_path else (lambda lg: load_policy(cfg, lg))
+
+        def load_start(lg):  # the run's starting model
+            if cfg.model == "tiny":
+                return load_policy(cfg, lg)
+            return load_folder(cfg.model, self.precision, cfg.trust_remote_code)
+
+        load = (lambda lg: load_folder(model_path, self.precision, cfg.trust_remote_code)) if model_path else load_start
         model, self.tokenizer, self.warm_start = load(log)
         self.ref = None
         if cfg.kl_coef > 0:
-            ref_load = (lambda lg: load_policy(cfg, lg)) if resume else load
-            self.ref = ref_load(lambda s: None)[0].to(self.accelerator.device).eval()
+            self.ref = (load_start if resume else load)(lambda s: None)[0].to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
+        self._load_task()
+        verifier = "math" if cfg.dataset else "exact"
+        self.rewards = RewardRunner(cfg.reward, default=verifier, verifier=verifier, timeout=cfg.reward_timeout)
         _disable_dropout(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False  # generate passes use_cache itself
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.opt = self.accelerator.prepare(model, opt)
+        self.sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens,
+                                 cfg.generation_batch_size)
         total = cfg.steps * cfg.epochs * cfg.minibatches
         self.accounting_s = 0.0  # time the current step spent on entropy accounting
         self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient, whole run
         self.nonfinite_streak = 0  # ... in a row, up to now
         self.stop_requested = False  # set by Ctrl-C: stop after the current step
         self.entropy_coef = cfg.entropy_coef  # adapted per step when entropy_target is set
-        self._first = None  # (rows, logits with graph) of the stats pass's first minibatch
+        self._first = None  # (rows, logits with graph) of the stats pass's first micro-batch
+        self.reward_metrics: dict[str, float] = {}
+        self.row_ids: list[tuple[int, int]] = []
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
+
+    def _load_task(self) -> None:
+        """Training problems, evaluation sets and how prompts are tokenized, for either task kind."""
+        cfg = self.cfg
+        if cfg.dataset:
+            from entclip.tasks.dataset import load_dataset_task
+
+            task = load_dataset_task(cfg, self.tokenizer)
+            self.train_problems, self.eval_sets = task.train, task.eval_sets
+            self.add_special_tokens = task.add_special_tokens
+            dropped = {k: v for k, v in task.skipped.items() if v}
+            self.log(f"dataset {cfg.dataset}: {len(task.train)} training prompts"
+                     + (f", skipped {dropped}" if dropped else "")
+                     + "".join(f"; eval {name}: {len(p)}" for name, p in task.eval_sets.items()))
+        else:
+            from entclip.tasks.arithmetic import ArithmeticTask
+
+            task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+            self.train_problems, self.eval_sets = task.train, {"test": task.test[:cfg.eval_n]}
+            self.add_special_tokens = True
+        if len(self.train_problems) < self.cfg.prompts_per_step:
+            raise EntclipError(f"{len(self.train_problems)} training prompts, fewer than prompts_per_step="
+                               f"{cfg.prompts_per_step}; lower prompts_per_step or give more data")
 
     @property
     def policy(self):
@@ -96,51 +145,82 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------
     def rollout(self, step: int) -> tuple[Rollout, torch.Tensor, list[bool]]:
-        cfg = self.cfg
-        rank = self.accelerator.process_index
-        rng = random.Random(derive_seed(cfg.seed, "prompts", step, rank))
-        problems = rng.sample(self.task.train, cfg.prompts_per_step)
-        torch.manual_seed(derive_seed(cfg.seed, "sample", step, rank))
-        return self.rollout_problems(problems)
+        """This process's share of the step's prompts, G samples each, scored.
 
-    def rollout_problems(self, problems: list) -> tuple[Rollout, torch.Tensor, list[bool]]:
-        """G samples for each problem (objects with .prompt and .answer), scored by the task."""
+        The step's prompts are drawn from (seed, step) and split evenly over the processes; each
+        sample's noise comes from (seed, step, prompt, sample), so one process and N processes
+        draw the same completions for the same prompts.
+        """
+        cfg = self.cfg
+        n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rng = random.Random(derive_seed(cfg.seed, "prompts", step))
+        chosen = rng.sample(range(len(self.train_problems)), cfg.prompts_per_step)
+        per = cfg.prompts_per_step // n_proc
+        mine = chosen[rank * per:(rank + 1) * per]
+        seeds = [derive_seed(cfg.seed, "sample", step, i, j) for i in mine for j in range(cfg.group_size)]
+        self.row_ids = [(i, j) for i in mine for j in range(cfg.group_size)]  # (problem, sample) per row
+        return self.rollout_problems([self.train_problems[i] for i in mine], seeds)
+
+    def rollout_problems(self, problems: list, seeds: list[int] | None = None
+                         ) -> tuple[Rollout, torch.Tensor, list[bool]]:
+        """G samples for each problem (objects with .prompt and .answer), scored by the rewards."""
         cfg = self.cfg
         self.policy.eval()
-        roll = sample(self.policy, self.tokenizer, [p.prompt for p in problems], cfg.group_size,
-                      cfg.temperature, cfg.max_new_tokens)
+        roll = self.sampler.sample([p.prompt for p in problems], cfg.group_size, cfg.temperature,
+                                   cfg.max_new_tokens, seeds)
         answers = [p.answer for p in problems for _ in range(cfg.group_size)]
-        correct = [self.task.verify(c, a) for c, a in zip(roll.completions, answers)]
-        rewards = torch.tensor([self.task.reward(c, a) for c, a in zip(roll.completions, answers)])
-        return roll, rewards, correct
+        scored = self.rewards.score(roll.completions, answers, roll.prompts)
+        self.reward_metrics = scored.metrics()
+        return roll, torch.tensor(scored.total, dtype=torch.float32), scored.correct
+
+    def _micro(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """A minibatch's rows in micro-batches of at most micro_batch_size sequences."""
+        size = self.cfg.micro_batch_size
+        return [rows] if size is None or size >= len(rows) else list(rows.split(size))
+
+    def _global_sum(self, value: float) -> float:
+        """Sum of a number over all processes (itself on one process)."""
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, "sum"))
 
     def batch_stats(self, roll: Rollout, minibatches: list[torch.Tensor],
                     account: bool = False) -> tuple[BatchStats, StepAccount | None]:
-        """Old log-probs and entropy statistics, one forward per minibatch, before any update.
+        """Old log-probs and entropy statistics, one forward per micro-batch, before any update.
 
-        `minibatches` are the first epoch's row indices, so the first one's forward - taken with its
-        graph - is the first update's forward too: no duplicated pass. With `account`, the same
-        forwards also give grad_theta Hbar (one backward) and keep the old logits and parameters.
+        `minibatches` are the first epoch's row indices, so the first micro-batch's forward - taken
+        with its graph - is the first update's forward too: no duplicated pass. With `account`, the
+        same forwards also give grad_theta Hbar (one backward each) and keep the old logits and
+        parameters. Hbar is the mean over the valid tokens of all processes.
         """
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        B, n_valid = ids.shape[0], max(int(mask.sum()), 1)
+        B = ids.shape[0]
+        n_proc = self.accelerator.num_processes
+        n_valid = max(self._global_sum(mask.sum()), 1.0)
         out = {k: torch.empty(B, T, device=ids.device) for k in ("logp", "entropy", "disc", "baseline", "ref")}
         old_logits = None
+        keep_logits = account and B * T * len(self.tokenizer) <= ACCOUNT_LOGITS_MAX
         self._first = None
-        for i, rows in enumerate(minibatches):
-            with torch.set_grad_enabled(account or i == 0):
+        # Reusing the first forward for the first update needs a second backward through the same
+        # DDP forward when accounting: not allowed, so with N > 1 processes accounting forgoes it.
+        reuse = not (account and n_proc > 1)
+        micro = [m for rows in minibatches for m in self._micro(rows)]
+        for i, rows in enumerate(micro):
+            with torch.set_grad_enabled(account or (i == 0 and reuse)):
                 logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
             st = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature)
             for k in ("logp", "entropy", "disc", "baseline"):
                 out[k][rows] = getattr(st, k)
-            if account:  # grad of Hbar = mean entropy over the batch's valid tokens
-                h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() / n_valid
-                self.accelerator.backward(h_part, retain_graph=i == 0)
-                if old_logits is None:
-                    old_logits = torch.empty(B, T, logits.shape[-1], device=ids.device)
-                old_logits[rows] = logits.detach().float()
-            if i == 0:
+            if account:  # grad of Hbar = mean entropy over the batch's valid tokens (DDP averages: x N)
+                h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
+                self.accelerator.backward(h_part, retain_graph=i == 0 and reuse)
+                if keep_logits:
+                    if old_logits is None:
+                        old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
+                    old_logits[rows] = logits.detach()
+            if i == 0 and reuse:
                 self._first = (rows, logits)
             if self.ref is not None:
                 with torch.no_grad():
@@ -153,53 +233,99 @@ class Trainer:
         params = list(self.model.parameters())
         grad_h = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         self.opt.zero_grad(set_to_none=True)
+        h_sum = self._global_sum(float((stats.entropy * mask).sum()))
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
-                           logits=old_logits, h_old=float(stats.entropy[mask.bool()].mean()),
-                           n_valid=n_valid)
+                           logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid)
         return stats, acct
 
     @torch.no_grad()
-    def entropy_after(self, roll: Rollout) -> tuple[torch.Tensor, float]:
-        """Logits (B, T, V) and Hbar after the step's updates, on the same tokens."""
+    def entropy_after(self, roll: Rollout, keep_logits: bool = True) -> tuple[torch.Tensor | None, float]:
+        """Logits (B, T, V) (None without `keep_logits`) and Hbar (all processes) after the step's
+        updates, on the same tokens."""
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        logits = torch.cat([completion_logits(self.model, ids[s:s + cfg.minibatch_size],
-                                              am[s:s + cfg.minibatch_size], T)
-                            for s in range(0, ids.shape[0], cfg.minibatch_size)])
-        ent = theory.token_stats(logits, roll.completion_ids, cfg.temperature).entropy
-        return logits, float(ent[mask.bool()].mean())
+        size = cfg.micro_batch_size or cfg.minibatch_size
+        parts, h_sum = [], 0.0
+        for s in range(0, ids.shape[0], size):
+            logits = completion_logits(self.model, ids[s:s + size], am[s:s + size], T)
+            ent = theory.token_stats(logits, roll.completion_ids[s:s + size], cfg.temperature).entropy
+            h_sum += float((ent * mask[s:s + size]).sum())
+            if keep_logits:
+                parts.append(logits)
+        n_valid = max(self._global_sum(mask.sum()), 1.0)
+        return (torch.cat(parts) if keep_logits else None), self._global_sum(h_sum) / n_valid
 
     def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
                loss_mask: torch.Tensor, epochs: list[list[torch.Tensor]],
                account: StepAccount | None = None) -> dict[str, float]:
-        """One optimizer update per minibatch of `epochs`; returns update metrics averaged over them."""
+        """One optimizer update per minibatch of `epochs`; returns update metrics averaged over them.
+
+        A minibatch is this process's rows of it on every process; its loss is aggregated over all
+        of them (micro-batches and processes), so gradients equal one process's on the whole batch.
+        """
+        from contextlib import nullcontext
+
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        n_proc = self.accelerator.num_processes
         acc: dict[str, float] = {}
         n_updates = skipped = 0
         self.model.train()
+        bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
         for minibatches in epochs:
             for rows in minibatches:
-                if self._first is not None and self._first[0] is rows:
-                    logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
-                else:
-                    logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
-                self._first = None
-                logp = theory.token_logp(logits, roll.completion_ids[rows], cfg.temperature)
-                m = loss_mask[rows]
-                bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
-                ent = theory.token_entropy(logits, cfg.temperature) if bonus or cfg.entropy_control == "steer" else None
-                terms = objective.token_terms(cfg, logp, stats.old_logp[rows], adv_tok[rows],
-                                              None if stats.ref_logp is None else stats.ref_logp[rows],
-                                              None if ent is None else ent.detach(), m)
-                loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant)
-                if self.entropy_coef > 0:
-                    loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
-                                                               cfg.agg_constant)
-                self.accelerator.backward(loss)
+                # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
+                local = float(loss_mask[rows].sum()) if cfg.loss_agg == "token-mean" else float(len(rows))
+                denom = max(self._global_sum(local), 1.0)
+                micro = self._micro(rows)
+                row: dict[str, float] = {}
+                n_tok = 0
+                loss_sum = policy_sum = kl_sum = 0.0
+                for j, mrows in enumerate(micro):
+                    if self._first is not None and self._first[0] is mrows:
+                        logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
+                    else:
+                        logits = completion_logits(self.model, ids[mrows], am[mrows], T)  # (b, T, V)
+                    self._first = None
+                    logp = theory.token_logp(logits, roll.completion_ids[mrows], cfg.temperature)
+                    m = loss_mask[mrows]
+                    ent = (theory.token_entropy(logits, cfg.temperature)
+                           if bonus or cfg.entropy_control == "steer" else None)
+                    terms = objective.token_terms(cfg, logp, stats.old_logp[mrows], adv_tok[mrows],
+                                                  None if stats.ref_logp is None else stats.ref_logp[mrows],
+                                                  None if ent is None else ent.detach(), m)
+                    loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant, denom)
+                    if self.entropy_coef > 0:
+                        loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
+                                                                   cfg.agg_constant, denom)
+                    sync = j == len(micro) - 1 or n_proc == 1
+                    with nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        self.accelerator.backward(loss * n_proc)  # DDP averages over processes
+                    if account is not None:
+                        t_acc = time.perf_counter()
+                        w = loss_weights(m, cfg.loss_agg, cfg.agg_constant, denom)
+                        account.add_update(mrows, logits, roll.completion_ids[mrows], adv_tok[mrows],
+                                           terms.ratio, terms.zero_grad, m,
+                                           w if terms.weights is None else w * terms.weights,
+                                           self.sched.get_last_lr()[0], cfg.temperature)
+                        self.accounting_s += time.perf_counter() - t_acc
+                    valid = mask[mrows].bool()
+                    n = int(valid.sum())
+                    loss_sum += loss.item()
+                    policy_sum += losses.aggregate(terms.surrogate.detach(), m, cfg.loss_agg,
+                                                   cfg.agg_constant, denom).item()
+                    kl_sum += float((terms.kl.detach() * valid).sum())
+                    for k, v in terms.stats.items():  # fractions of the micro-batch's valid tokens
+                        row[k] = (min(row.get(k, v), v) if k.endswith("_min") else max(row.get(k, v), v)
+                                  if k.endswith("_max") else row.get(k, 0.0) + v * n)
+                    n_tok += n
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
-                if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
+                row = {k: v if k.endswith(("_min", "_max")) else v / max(n_tok, 1) for k, v in row.items()}
+                row.update({"loss/total": loss_sum * n_proc, "loss/policy": policy_sum * n_proc,
+                            "kl/ref": kl_sum / max(n_tok, 1), "grad/norm": float(grad_norm)})
+                row = self._reduce_update(row, n_tok)
+                if not (math.isfinite(row["loss/total"]) and math.isfinite(float(grad_norm))):
                     # Skip the update (parameters and optimizer state untouched), count it.
                     self.opt.zero_grad(set_to_none=True)
                     self.nonfinite_total += 1
@@ -209,23 +335,9 @@ class Trainer:
                         raise NonFiniteStop(step)
                     continue
                 self.nonfinite_streak = 0
-                if account is not None:
-                    t_acc = time.perf_counter()
-                    w = loss_weights(m, cfg.loss_agg, cfg.agg_constant)
-                    account.add_update(rows, logits, roll.completion_ids[rows], adv_tok[rows], terms.ratio,
-                                       terms.zero_grad, m, w if terms.weights is None else w * terms.weights,
-                                       self.sched.get_last_lr()[0], cfg.temperature)
-                    self.accounting_s += time.perf_counter() - t_acc
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
-                valid = mask[rows].bool()
-                n_valid = max(int(valid.sum()), 1)
-                row = {"loss/total": loss.item(),
-                       "loss/policy": losses.aggregate(terms.surrogate.detach(), m, cfg.loss_agg,
-                                                       cfg.agg_constant).item(),
-                       "kl/ref": float((terms.kl.detach() * valid).sum()) / n_valid,
-                       "grad/norm": float(grad_norm), **terms.stats}
                 for k, v in row.items():
                     acc[k] = acc.get(k, 0.0) + v
                 n_updates += 1
@@ -236,10 +348,38 @@ class Trainer:
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
+    def _reduce_update(self, row: dict[str, float], n_tok: int) -> dict[str, float]:
+        """One update's metrics over all processes: loss parts add up (each is its share of the
+        global aggregate, scaled by N for DDP's mean: so the mean), token fractions weigh by each
+        process's valid tokens, *_min / *_max reduce as such; the gradient norm is global already."""
+        if self.accelerator.num_processes == 1:
+            return row
+        from accelerate.utils import gather_object
+
+        every = gather_object([(row, n_tok)])
+        total = max(sum(n for _, n in every), 1)
+        out = {}
+        for k in row:
+            values = [r[k] for r, _ in every]
+            if k.endswith("_min"):
+                out[k] = min(values)
+            elif k.endswith("_max"):
+                out[k] = max(values)
+            elif k.startswith(("loss/", "grad/")):
+                out[k] = sum(values) / len(values)
+            else:
+                out[k] = sum(r[k] * n for r, n in every) / total
+        return out
+
     def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[torch.Tensor]]:
-        """Row indices of every minibatch of every epoch, shuffled per epoch from (seed, step)."""
+        """Row indices of every minibatch of every epoch, shuffled per epoch from (seed, step).
+
+        `n_rows` are this process's rows; each minibatch takes 1/minibatches of them, and the
+        same minibatch index on every process forms one update.
+        """
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "minibatch", step))
-        return [list(torch.randperm(n_rows, generator=gen).to(device).split(self.cfg.minibatch_size))
+        size = max(n_rows // self.cfg.minibatches, 1)
+        return [list(torch.randperm(n_rows, generator=gen).to(device).split(size))
                 for _ in range(self.cfg.epochs)]
 
     def step(self, step: int) -> dict[str, float]:
@@ -261,26 +401,32 @@ class Trainer:
         keep, filt = objective.batch_filter(cfg, self.accelerator, stats, adv_tok, mask, gen)
         # A filtered token leaves the loss entirely: its term and its share of the normalizer.
         loss_mask = mask * keep
+        if cfg.log_filter:
+            self._log_filter(step, roll, keep, mask)
         upd = self.update(step, roll, stats, adv_tok, loss_mask, epochs, account)
+        self.sampler.sync_weights(self.policy)
         acct: dict[str, float] = {}
         if account is not None:
             t_acc = time.perf_counter()
-            new_logits, h_new = self.entropy_after(roll)
+            new_logits, h_new = self.entropy_after(roll, keep_logits=account.logits is not None)
             acct = account.finish(new_logits, h_new, [p.detach() for p in self.model.parameters()],
                                   stats, adv_tok, mask, cfg.temperature)
+            acct = self._reduce_account(acct, int(mask.sum()))
             self.accounting_s += time.perf_counter() - t_acc
             acct["perf/stats_pass_s"] = t_stats
             acct["perf/accounting_s"] = self.accounting_s
+        rollout_metrics = self._rollout_metrics(rewards, correct, stats, mask)
         if cfg.entropy_target is not None:  # adaptive bonus: move toward the target entropy
-            h = float(stats.entropy[mask.bool()].mean())
-            self.entropy_coef = baselines.adapt_entropy_coef(self.entropy_coef, h, cfg.entropy_target,
-                                                             cfg.entropy_coef_delta, 0.0, cfg.entropy_coef_max)
+            self.entropy_coef = baselines.adapt_entropy_coef(self.entropy_coef, rollout_metrics["entropy/mean"],
+                                                             cfg.entropy_target, cfg.entropy_coef_delta, 0.0,
+                                                             cfg.entropy_coef_max)
         if self.entropy_coef > 0 or cfg.entropy_target is not None:
             acct["entropy/bonus_coef"] = self.entropy_coef
         elapsed = time.perf_counter() - t0
-        metrics = {"step": step, **_rollout_metrics(cfg, rewards, correct, stats, mask), **filt, **upd, **acct,
+        n_tokens = self._global_sum(roll.n_tokens)
+        metrics = {"step": step, **rollout_metrics, **filt, **upd, **acct,
                    "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
-                   "perf/tokens_per_s": roll.n_tokens / max(elapsed, 1e-9)}
+                   "perf/tokens_per_s": n_tokens / max(elapsed, 1e-9)}
         if self.accelerator.is_main_process and self.run_dir is not None:
             self.run_dir.append("metrics.jsonl", metrics)
             for i in range(min(cfg.samples_per_step, len(roll.prompts))):
@@ -289,17 +435,89 @@ class Trainer:
                     "reward": float(rewards[i]), "advantage": float(adv[i])})
         return metrics
 
+    def _log_filter(self, step: int, roll: Rollout, keep: torch.Tensor, mask: torch.Tensor) -> None:
+        """filter.jsonl: every sequence of the step (all processes), its tokens and dropped positions."""
+        from accelerate.utils import gather_object
+
+        rows = []
+        for b, (problem, sample) in enumerate(self.row_ids):
+            n = int(mask[b].sum())
+            dropped = (~keep[b, :n].bool()).nonzero().flatten().tolist()
+            rows.append({"step": step, "problem": problem, "sample": sample,
+                         "tokens": roll.completion_ids[b, :n].tolist(), "dropped": dropped})
+        if self.accelerator.num_processes > 1:
+            rows = gather_object(rows)
+        if self.accelerator.is_main_process and self.run_dir is not None:
+            for row in sorted(rows, key=lambda r: (r["problem"], r["sample"])):
+                self.run_dir.append("filter.jsonl", row)
+
+    def _rollout_metrics(self, rewards: torch.Tensor, correct: list[bool], stats: BatchStats,
+                         mask: torch.Tensor) -> dict[str, float]:
+        """The rollout batch's figures over all processes' rows."""
+        from entclip.objective import _gather_rows
+
+        acc = self.accelerator
+        dev = acc.device
+        g = lambda t: _gather_rows(acc, t.to(dev))  # noqa: E731
+        gstats = BatchStats(g(stats.old_logp), g(stats.entropy), g(stats.disc), g(stats.baseline), None)
+        out = _rollout_metrics(self.cfg, acc.gather(rewards.to(dev)).cpu(),
+                               [bool(c) for c in acc.gather(torch.tensor([int(c) for c in correct], device=dev)).tolist()],
+                               gstats, g(mask))
+        rm = self.reward_metrics
+        if acc.num_processes > 1 and rm:
+            from accelerate.utils import gather_object
+
+            every = gather_object([rm])
+            rm = {k: (sum(r[k] for r in every) if k in ("reward/errors", "reward/timeouts")
+                      else sum(r[k] for r in every) / len(every)) for k in rm}
+        return {**out, **rm}
+
+    def _reduce_account(self, acct: dict[str, float], n_local: int) -> dict[str, float]:
+        """Accounting figures over all processes: per-token sums (already divided by the global
+        token count) add up, quadrant shares weigh by valid tokens, the rest is global already."""
+        if self.accelerator.num_processes == 1:
+            return acct
+        from accelerate.utils import gather_object
+
+        every = gather_object([(acct, n_local)])
+        total = max(sum(n for _, n in every), 1)
+        summed = ("entropy/pred_logit", "entropy/pred_logit_drive", "entropy/pred_dz")
+        out = {}
+        for k in acct:
+            if k in summed or (k.startswith("quad/") and k.endswith("_pred")):
+                out[k] = sum(a[k] for a, _ in every)
+            elif k.endswith("_share"):
+                out[k] = sum(a[k] * n for a, n in every) / total
+            else:
+                out[k] = sum(a[k] for a, _ in every) / len(every)
+        return out
+
     # ---- evaluation and checkpoints ----------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
-        from entclip.evaluation import evaluate
+        """Every eval set: greedy accuracy, avg@k, pass@k; problems split over the processes.
+
+        Keys are `<set>/<figure>` (the built-in task's set is `test`).
+        """
+        from accelerate.utils import gather_object
+
+        from entclip.evaluation import eval_counts, summarize
 
         cfg = self.cfg
-        torch.manual_seed(derive_seed(cfg.seed, "eval", step))
+        n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.policy.eval()
-        res = evaluate(self.policy, self.tokenizer, self.task.test[:cfg.eval_n], self.task.verify,
-                       cfg.eval_k, cfg.eval_temperature, cfg.max_new_tokens)
-        row = {"step": step, **{f"test/{k}": v for k, v in res.items()}}
-        if self.accelerator.is_main_process:
+        verify = lambda cs, ans, ps: self.rewards.score(cs, ans, ps).correct  # noqa: E731
+        row: dict[str, float] = {"step": step}
+        for name, problems in self.eval_sets.items():
+            mine = list(range(rank, len(problems), n_proc))
+            greedy, counts = eval_counts(
+                self.sampler, [problems[i] for i in mine], verify, cfg.eval_k, cfg.eval_temperature,
+                cfg.max_new_tokens, lambda i, j: derive_seed(cfg.seed, "eval", step, name, mine[i], j))
+            results = list(zip(mine, greedy, counts))
+            if n_proc > 1:
+                results = sorted(gather_object(results))
+            res = summarize([g for _, g, _ in results], [c for _, _, c in results], cfg.eval_k)
+            row.update({f"{name}/{k}": v for k, v in res.items()})
+        if self.accelerator.is_main_process and self.run_dir is not None:
             self.run_dir.append("eval.jsonl", row)
         return row
 
@@ -445,6 +663,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
                            f"(loss or gradient); last good parameters in {ckpt or 'the warm start'}; "
                            "lower lr or raise max_grad_norm clipping", FAILED) from None
     finally:
+        trainer.rewards.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     trainer.evaluate(cfg.steps)

@@ -7,7 +7,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from entclip.rollout import sample
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,25 +24,55 @@ def report_ks(n: int) -> list[int]:
     return ks + [n]
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, problems: Sequence, verify: Callable[[str, str], bool], k: int,
-             temperature: float, max_new_tokens: int, batch_prompts: int = 64) -> dict[str, float]:
-    """Greedy accuracy plus avg@k / pass@k (k samples per problem) on `problems`.
+VerifyBatch = Callable[[list[str], list[str], list[str]], list[bool]]  # (completions, answers, prompts)
 
-    Keys: greedy_acc, avg@k, pass@j for j in report_ks(k).
+
+@torch.no_grad()
+def eval_counts(sampler, problems: Sequence, verify: VerifyBatch, k: int, temperature: float,
+                max_new_tokens: int, seed_of: Callable[[int, int], int], batch_prompts: int = 64,
+                greedy: bool = True) -> tuple[list[int], list[int]]:
+    """Per problem: greedy correct (0/1; empty without `greedy`) and correct samples out of k.
+
+    `seed_of(i, j)` seeds sample j of problem i (its index in `problems`), so a problem's samples
+    do not depend on the batch or process that drew them.
     """
-    greedy_ok = 0
-    correct_counts: list[int] = []
+    greedy_ok: list[int] = []
+    counts: list[int] = []
     for start in range(0, len(problems), batch_prompts):
         chunk = problems[start:start + batch_prompts]
         prompts = [p.prompt for p in chunk]
-        greedy = sample(model, tokenizer, prompts, 1, 1.0, max_new_tokens, greedy=True)
-        greedy_ok += sum(verify(c, p.answer) for c, p in zip(greedy.completions, chunk))
-        sampled = sample(model, tokenizer, prompts, k, temperature, max_new_tokens)
-        for i, p in enumerate(chunk):
-            correct_counts.append(sum(verify(c, p.answer) for c in sampled.completions[i * k:(i + 1) * k]))
-    n = len(problems)
-    out = {"greedy_acc": greedy_ok / n, f"avg@{k}": sum(correct_counts) / (n * k)}
+        if greedy:
+            g = sampler.sample(prompts, 1, 1.0, max_new_tokens, greedy=True)
+            greedy_ok += [int(ok) for ok in verify(g.completions, [p.answer for p in chunk], prompts)]
+        seeds = [seed_of(start + i, j) for i in range(len(chunk)) for j in range(k)]
+        s = sampler.sample(prompts, k, temperature, max_new_tokens, seeds=seeds)
+        ok = verify(s.completions, [p.answer for p in chunk for _ in range(k)], s.prompts)
+        counts += [sum(ok[i * k:(i + 1) * k]) for i in range(len(chunk))]
+    return greedy_ok, counts
+
+
+def summarize(greedy_ok: Sequence[int], counts: Sequence[int], k: int) -> dict[str, float]:
+    """greedy_acc (when greedy results exist), avg@k and pass@j for j in report_ks(k)."""
+    n = max(len(counts), 1)
+    out = {"greedy_acc": sum(greedy_ok) / n} if len(greedy_ok) else {}
+    out[f"avg@{k}"] = sum(counts) / (n * k)
     for j in report_ks(k):
-        out[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct_counts) / n
+        out[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in counts) / n
     return out
+
+
+def evaluate(model, tokenizer, problems: Sequence, verify: Callable[[str, str], bool], k: int,
+             temperature: float, max_new_tokens: int, batch_prompts: int = 64) -> dict[str, float]:
+    """Greedy accuracy plus avg@k / pass@k (k samples per problem) on `problems`, one process.
+
+    Keys: greedy_acc, avg@k, pass@j for j in report_ks(k). Samples are seeded from torch's global
+    generator (torch.manual_seed makes the call repeatable).
+    """
+    from entclip.rollout import HFSampler
+
+    base = int(torch.randint(0, 2**62, (1,)))
+    greedy_ok, counts = eval_counts(
+        HFSampler(lambda: model, tokenizer), problems,
+        lambda cs, ans, ps: [verify(c, a) for c, a in zip(cs, ans)], k, temperature, max_new_tokens,
+        lambda i, j: (base + 1_000_003 * i + j) % 2**62, batch_prompts)
+    return summarize(greedy_ok, counts, k)

@@ -105,7 +105,8 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: float | None = None
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, constant: float | None = None,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token quantity to a scalar.
 
@@ -117,20 +118,25 @@ def aggregate(
                              completion length and is required).
     `mask` (B, T) is used as given (bool or float weights); it need not be the loss's own validity
     mask (e.g. filtered tokens zeroed in `per_token` but still counted in the denominator).
+    `denominator`: when this call sees only part of the batch being aggregated (a micro-batch, one
+    process's rows), the whole batch's count - valid tokens for "token-mean", sequences for the
+    other modes - so that the parts' results add up to the whole batch's aggregate.
     """
     m = mask.to(per_token.dtype)  # (B, T)
     total = per_token * m  # (B, T)
     if mode == "token-mean":
-        return total.sum() / m.sum().clamp(min=1.0)
+        return total.sum() / (m.sum().clamp(min=1.0) if denominator is None else max(denominator, 1.0))
     if mode == "seq-mean-token-mean":
-        return (total.sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        per_seq = total.sum(-1) / m.sum(-1).clamp(min=1.0)
+        return per_seq.mean() if denominator is None else per_seq.sum() / max(denominator, 1.0)
     if mode == "constant":
         if constant is None or not constant > 0:
             raise ValueError(
                 f"aggregate mode 'constant' needs constant > 0 (got {constant}); "
                 "pass the max completion length"
             )
-        return total.sum() / (per_token.shape[0] * constant)
+        n_seq = per_token.shape[0] if denominator is None else max(denominator, 1.0)
+        return total.sum() / (n_seq * constant)
     raise ValueError(
         f"unknown aggregation mode {mode!r}: use 'token-mean', 'seq-mean-token-mean' or 'constant'"
     )

@@ -1,4 +1,4 @@
-"""Loading the policy: the built-in tiny model after its cached warm start, or a local folder.
+"""Loading the policy: the built-in tiny model after its cached warm start, or any causal LM.
 
 Everything that touches model files lives here, so the loop never deals with paths or caches.
 No remote code is ever executed (trust_remote_code=False); weights are safetensors.
@@ -59,19 +59,50 @@ def load_policy(cfg: Config, log: Log):
                               "seconds": ws.seconds, "cached": ws.cached}
 
 
-def load_folder(path: str):
-    """A causal LM and its tokenizer from a local save_pretrained folder (no remote code)."""
+def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = False):
+    """A causal LM and its tokenizer from a local folder, a .gguf file or a Hugging Face id.
+
+    Weights load in float32 (bfloat16 for precision "bf16"); no remote code unless asked for.
+    An id that is neither on disk nor in the local Hugging Face cache gives one line naming the fix.
+    """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_libraries()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    source, where = str(path), Path(str(path)).expanduser()
+    if source.endswith(".gguf"):
+        if not where.is_file():
+            raise EntclipError(f"GGUF file {source} not found; check the path", NOT_FOUND)
+        source, kw["gguf_file"] = str(where.parent), where.name
+    elif where.exists():
+        source = str(where)
+        if not (where / "config.json").is_file():
+            raise EntclipError(f"{where} is not a model folder (no config.json); give a folder written by "
+                               "save_pretrained, a .gguf file or a Hugging Face id", NOT_FOUND)
+    elif str(path).startswith(("/", "./", "../", "~")):
+        raise EntclipError(f"model folder {path} does not exist; check the path", NOT_FOUND)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except ImportError as exc:
+        raise EntclipError(f"cannot load model {path!r}: {str(exc).splitlines()[0][:200]}", NOT_FOUND) from None
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint "
-                           "folder or a model folder on this machine (the Hugging Face hub may be "
-                           "unreachable offline)", NOT_FOUND) from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if not where.exists() and ("offline" in first.lower() or "connect" in first.lower()
+                                   or "does not appear to have" in first or "couldn't" in first.lower()
+                                   or "not a local folder" in first or "huggingface.co" in first):
+            raise EntclipError(f"model {path!r} cannot be reached: no network and not in the Hugging Face "
+                               "cache; download it where there is network (hf download "
+                               f"{path}) or point --set model=PATH at a local folder", NOT_FOUND) from None
+        raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint, "
+                           "a model folder or a reachable Hugging Face id", NOT_FOUND) from None
+    if "gguf_file" in kw and getattr(model, "hf_quantizer", None) is not None:
+        # A dequantized GGUF: checkpoints (save_pretrained) must write plain float weights.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     tokenizer.padding_side = "left"  # generation appends on the right
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -8,7 +8,6 @@ response tokens), so the records add up to the reported total. `--apply` takes t
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +53,9 @@ def load_problems(source: str, train: list[Problem], n: int, seed: int, prompt_f
     """The first n problems of a source, each with the reference answer its reward needs.
 
     'builtin': n problems drawn from the task's train split. A .tsv file: prompt<TAB>answer lines.
-    A .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id: read through `datasets`,
-    with `prompt_field` / `answer_field` columns.
+    A .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id: read by entclip.tasks.dataset,
+    with `prompt_field` / `answer_field` columns (dots reach nested fields; a list of chat messages
+    becomes its contents joined by blank lines); rows with an empty problem or answer are skipped.
     """
     if source == "builtin":
         return random.Random(seed).sample(train, min(n, len(train)))
@@ -71,42 +71,24 @@ def load_problems(source: str, train: list[Problem], n: int, seed: int, prompt_f
             if line.strip():
                 rows.append(Problem(prompt, answer))
     else:
-        rows = [Problem(str(r[prompt_field]), str(r[answer_field]))
-                for r in _dataset_rows(source, prompt_field, answer_field, split)]
+        from entclip.tasks.dataset import problems_from_rows
+
+        rows, _ = problems_from_rows(_dataset_rows(source, prompt_field, answer_field, split), source,
+                                     prompt_field, answer_field, fix=FIELD_FIX)
     if not rows:
         raise EntclipError(f"{source} holds no prompts; give a non-empty file or 'builtin'", BAD_DATA)
     return rows[:n]
 
 
+FIELD_FIX = "pass --prompt-field / --answer-field"
+
+
 def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str):
-    import datasets
+    """The split's rows (through entclip.tasks.dataset), checked to have both columns."""
+    from entclip.tasks.dataset import check_fields, read_rows
 
-    from entclip.models import quiet_libraries
-
-    quiet_libraries()
-    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    path = Path(source)
-    if path.suffix in kinds and not path.is_file():
-        raise EntclipError(f"prompts file {path} not found; give 'builtin' or an existing file", NOT_FOUND)
-    if path.suffix == ".jsonl":  # name the broken line; datasets' own message does not
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            try:
-                json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                raise EntclipError(f"{path} line {i} is not valid JSON; fix or remove that line", BAD_DATA) from None
-    try:
-        if path.suffix in kinds:
-            ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
-        else:
-            ds = datasets.load_dataset(source, split=split)
-    except Exception as exc:  # datasets raises many types: parse errors, offline hub, missing split
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise EntclipError(f"cannot read prompts from {source!r} ({first}); give 'builtin', a local "
-                           ".jsonl/.csv/.parquet/.tsv file, or a reachable dataset id", BAD_DATA) from None
-    missing = [f for f in (prompt_field, answer_field) if f not in ds.column_names]
-    if missing:
-        raise EntclipError(f"{source} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
-                           "pass --prompt-field / --answer-field", BAD_DATA)
+    ds = read_rows(source, split, local_fix="--prompts FILE")
+    check_fields(ds, source, (prompt_field, answer_field), FIELD_FIX)
     return ds
 
 

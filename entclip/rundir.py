@@ -22,6 +22,7 @@ from entclip.errors import BAD_DATA, EXISTS, NOT_FOUND, EntclipError
 FORMAT = 1
 CONFIG, METRICS, EVAL, SAMPLES, SUMMARY = (
     "config.yaml", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "summary.json")
+FILTER = "filter.jsonl"  # optional (log_filter): per-sequence dropped positions
 
 
 def _clean(value: Any) -> Any:
@@ -105,7 +106,7 @@ class RunDir:
                                "start it again with --overwrite (set save_every to checkpoint often)",
                                NOT_FOUND)
         step = checkpoint_step(ckpt)
-        for name in (METRICS, EVAL, SAMPLES):
+        for name in (METRICS, EVAL, SAMPLES, FILTER):
             _truncate_jsonl(path / name, step)
         for leftover in (path / "checkpoints").glob(".step_*.tmp"):
             shutil.rmtree(leftover, ignore_errors=True)
