@@ -149,6 +149,7 @@ def train(
             typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + _plan(cfg, path))
             _dry_run_checks(cfg)
             return
+        _check_sources(cfg)  # before the run directory exists: nothing is left behind
         from entclip.console import Progress
         from entclip.engine import train as run_train
 
@@ -188,24 +189,34 @@ def _create_run(cfg, path: Path, overwrite: bool):
     return (run if state.is_main_process else RunDir(path)), state.is_main_process
 
 
+def _check_sources(cfg) -> None:
+    """A Hugging Face model or dataset that cannot be read stops here, one line each."""
+    if cfg.model == "tiny" and not cfg.dataset:
+        return
+    from entclip.errors import NOT_FOUND
+    from entclip.plan import offline_if_unreachable, reachability
+
+    offline_if_unreachable()
+    problems = reachability(cfg)
+    if problems:
+        for line in problems[:-1]:
+            _stderr().print(f"[red]error:[/red] {line}", soft_wrap=True)
+        raise EntclipError(problems[-1], NOT_FOUND)
+
+
 def _dry_run_checks(cfg) -> None:
     """For a Hugging Face model or dataset: can everything be reached, and what memory it needs."""
     if cfg.model == "tiny" and not cfg.dataset:
         return
-    from entclip.errors import NOT_FOUND
-    from entclip.plan import memory_estimate, model_config, reachability, render_memory
+    from entclip.plan import memory_estimate, model_config, render_memory
 
-    problems = reachability(cfg)
     if cfg.model != "tiny":
         try:
             est = memory_estimate(cfg, model_config(cfg), _world_size())
             typer.echo("# memory estimate per GPU\n" + "\n".join(render_memory(est)))
         except EntclipError:
             typer.echo("# memory estimate per GPU\nneeds the model's config, which cannot be read (below)")
-    if problems:
-        for line in problems[:-1]:
-            _stderr().print(f"[red]error:[/red] {line}", soft_wrap=True)
-        raise EntclipError(problems[-1], NOT_FOUND)
+    _check_sources(cfg)
     typer.echo("# checks\nmodel, dataset and eval sets are reachable")
 
 

@@ -117,6 +117,19 @@ def _cache_only():
             module.HF_HUB_OFFLINE = value
 
 
+def offline_if_unreachable() -> bool:
+    """When the Hub does not answer, switch the libraries to their caches for the rest of the process
+    (they would otherwise retry each lookup for ~20 s). Returns whether the Hub is reachable."""
+    if _hub_online():
+        return True
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module in [constants] + [m for m in [sys.modules.get("datasets.config")] if m is not None]:
+        module.HF_HUB_OFFLINE = True
+    return False
+
+
 def _config_error(model: str, exc: Exception) -> EntclipError:
     if "trust_remote_code" in str(exc):
         return EntclipError(f"model {model!r} runs its own code; if you trust it, add "

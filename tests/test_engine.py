@@ -151,3 +151,21 @@ def test_every_method_trains_and_logs_its_share(tmp_path, overrides, key, positi
         assert all(abs(r["clip/filter_frac"] - 0.1) < 0.05 for r in run.metrics)
     if overrides.get("entropy_target"):  # entropy far below target: the coefficient grows each step
         assert [r["entropy/bonus_coef"] for r in run.metrics] == pytest.approx([0.01, 0.02])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"micro_batch_size": 3},  # 8 rows per update in micro-batches of 3, 3 and 2
+    {"gradient_checkpointing": True},
+    {"generation_batch_size": 5},  # sampling in pieces draws the same tokens
+])
+def test_memory_savers_do_not_change_the_run(plain_run, tmp_path, overrides):
+    """Micro-batching (gradient accumulation over the minibatch's global normalizer), activation
+    checkpointing and split generation change memory, not the updates: the figures match."""
+    _, base, _ = plain_run
+    _, run, _ = _run(tmp_path, "saver", **overrides)
+    assert len(run.metrics) == len(base.metrics)
+    for a, b in zip(base.metrics, run.metrics):
+        for k in a:
+            if not k.startswith("perf/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert run.evals == base.evals
