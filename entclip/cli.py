@@ -379,16 +379,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
-    """Evaluate a finished run or checkpoint on the task's held-out set: greedy, avg@k, pass@k."""
+    """Evaluate a finished run or checkpoint on its held-out sets: greedy, avg@k, pass@k."""
     with _user_errors(debug):
-        import torch
-
         from entclip.config import resolve
-        from entclip.engine import derive_seed
-        from entclip.evaluation import evaluate as run_eval
-        from entclip.models import load_folder
+        from entclip.engine import Trainer
         from entclip.predict import resolve_model
-        from entclip.tasks.arithmetic import ArithmeticTask
 
         path = resolve_model(model)
         if config is None and (Path(model) / "config.yaml").exists():
@@ -396,15 +391,19 @@ def evaluate(
         sets = [*set_] + [f"{key}={v}" for key, v in (("eval_n", n), ("eval_k", k),
                                                       ("eval_temperature", temperature)) if v is not None]
         cfg = resolve(config_file=config, sets=sets)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
-        policy, tokenizer, _ = load_folder(path)
-        torch.manual_seed(derive_seed(cfg.seed, "evaluate"))
-        res = run_eval(policy.eval(), tokenizer, task.test[:cfg.eval_n], task.verify, cfg.eval_k,
-                       cfg.eval_temperature, cfg.max_new_tokens)
-        res = {"model": str(path), "problems": min(cfg.eval_n, len(task.test)), "k": cfg.eval_k,
-               "temperature": cfg.eval_temperature, **res}
+        if n is not None and cfg.eval_sets:  # --n bounds every eval set
+            cfg = resolve(config_file=config, sets=[*sets, "eval_sets=" + json.dumps(
+                [{**e, "n": n} for e in cfg.eval_sets])])
+        trainer = Trainer(cfg, None, lambda s: None, model_path=str(path))
+        try:
+            row = trainer.evaluate(0)
+        finally:
+            trainer.rewards.close()
+        head = {"model": str(path), "k": cfg.eval_k, "temperature": cfg.eval_temperature}
+        per_set = {name: {"problems": len(problems),
+                          **{key.split("/", 1)[1]: v for key, v in row.items() if key.startswith(name + "/")}}
+                   for name, problems in trainer.eval_sets.items()}
+        res = {**head, **next(iter(per_set.values()))} if len(per_set) == 1 else {**head, "sets": per_set}
         if as_json:
             typer.echo(json.dumps(res, indent=2))
         else:
@@ -412,7 +411,9 @@ def evaluate(
             from rich.table import Table
 
             tab = Table(title=f"held-out evaluation of {path}", show_header=False)
-            for key, value in res.items():
+            flat = {**{k: v for k, v in res.items() if k != "sets"},
+                    **{f"{name}/{k}": v for name, fig in res.get("sets", {}).items() for k, v in fig.items()}}
+            for key, value in flat.items():
                 tab.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
             Console().print(tab)
 

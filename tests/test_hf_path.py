@@ -94,6 +94,10 @@ def test_qwen_math_preset_trains_on_local_stand_ins(stand_ins, tmp_path):
     assert summary["status"] == "completed"
     ckpt = run / summary["checkpoint"]
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+    res = runner.invoke(app, ["evaluate", str(run), "--n", "3", "--k", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)  # the run's own eval set, through its chat template and reward
+    assert data["problems"] == 3 and {"greedy_acc", "avg@2", "pass@2"} <= data.keys()
 
 
 @pytest.mark.slow
