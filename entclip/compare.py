@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from entclip.errors import NOT_FOUND, EntclipError
-from entclip.rundir import CONFIG, LoadedRun, load_run
+from entclip.rundir import CONFIG, LoadedRun, eval_set_names, load_run
 
 _SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6})?$")
 
@@ -71,13 +71,14 @@ def run_figures(run: LoadedRun, collapse: float) -> dict[str, Any]:
     smooth = [sum(reward[i:i + 10]) / len(reward[i:i + 10]) for i in range(0, max(len(reward) - 9, 1))]
     ev = run.evals[-1] if run.evals else {}
     k = run.config.get("eval_k", 8)
+    main = (eval_set_names(ev) or ["test"])[0]  # the first eval set stands for the run
     below = [r["step"] for r in run.metrics if isinstance(r.get("entropy/mean"), (int, float))
              and r["entropy/mean"] < collapse]
     steps = len(run.metrics)
     return {
         "reward_final": _tail_mean(reward), "reward_best": max(smooth) if reward else None,
-        "eval_greedy": ev.get("test/greedy_acc"), "eval_avg": ev.get(f"test/avg@{k}"),
-        "eval_pass": ev.get(f"test/pass@{k}"), "entropy_final": _tail_mean(ent),
+        "eval_greedy": ev.get(f"{main}/greedy_acc"), "eval_avg": ev.get(f"{main}/avg@{k}"),
+        "eval_pass": ev.get(f"{main}/pass@{k}"), "entropy_final": _tail_mean(ent),
         "entropy_auc": sum(ent) / len(ent) if ent else None,
         # Never below the threshold counts as the run's length + 1 (a lower bound).
         "collapse_step": below[0] if below else steps + 1,

@@ -238,7 +238,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         h_sum = self._global_sum(float((stats.entropy * mask).sum()))
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
-                           logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid)
+                           logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid, shape=(B, T))
         return stats, acct
 
     @torch.no_grad()

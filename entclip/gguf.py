@@ -12,7 +12,9 @@ its own dependencies would build llama.cpp, which we do not need).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import struct
@@ -109,9 +111,12 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
                                                   trust_remote_code=False)
         # dequantize=True: dense weights even where a GGUF matmul kernel is installed (it would keep
         # the weights in their quantized blocks, which cannot be saved as safetensors).
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True),
-                                                     trust_remote_code=False)
+        # transformers draws its de-quantization bar with tqdm directly (not through its logging
+        # switch): send it nowhere; errors still arrive as exceptions.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                         quantization_config=GgufConfig(dequantize=True),
+                                                         trust_remote_code=False)
     except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError,
             NotImplementedError) as exc:  # a truncated or corrupted file, or an architecture transformers lacks
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

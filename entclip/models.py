@@ -6,6 +6,8 @@ No remote code is ever executed (trust_remote_code=False); weights are safetenso
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -84,7 +86,10 @@ def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = Fa
     elif str(path).startswith(("/", "./", "../", "~")):
         raise EntclipError(f"model folder {path} does not exist; check the path", NOT_FOUND)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+        # GGUF loading draws a tqdm bar outside transformers' logging switch: send it nowhere.
+        quiet = contextlib.redirect_stderr(io.StringIO()) if "gguf_file" in kw else contextlib.nullcontext()
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except ImportError as exc:
         raise EntclipError(f"cannot load model {path!r}: {str(exc).splitlines()[0][:200]}", NOT_FOUND) from None

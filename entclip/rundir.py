@@ -238,3 +238,14 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             keep.append(line + "\n")
     write_atomic(path, "".join(keep))
+
+
+def eval_set_names(row: dict[str, Any]) -> list[str]:
+    """The eval sets of one eval.jsonl row, in their order: "test" for the built-in task, else the
+    names given in eval_sets (keys are "<set>/<figure>")."""
+    names: list[str] = []
+    for key in row:
+        name, sep, figure = key.partition("/")
+        if sep and figure.startswith(("avg@", "greedy_acc")) and name not in names:
+            names.append(name)
+    return names

@@ -169,3 +169,14 @@ def test_memory_savers_do_not_change_the_run(plain_run, tmp_path, overrides):
             if not k.startswith("perf/"):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert run.evals == base.evals
+
+
+def test_accounting_without_room_for_the_old_logits_reports_the_rest(tmp_path, monkeypatch):
+    """Above ACCOUNT_LOGITS_MAX (large batches x vocabularies) pred_dz is left out, nothing else."""
+    import entclip.engine as engine
+
+    monkeypatch.setattr(engine, "ACCOUNT_LOGITS_MAX", 0)
+    _, run, _ = _run(tmp_path, "nologits")
+    for row in run.metrics:
+        assert "entropy/pred_dz" not in row
+        assert {"entropy/pred_param", "entropy/pred_logit", "entropy/measured"} <= row.keys()

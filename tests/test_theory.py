@@ -1,12 +1,17 @@
 """entclip.theory against hand-computed values, a float64 reference and finite differences."""
 
+import json
 import math
 
 import pytest
 import torch
 
+from entclip import theory
+from entclip.accounting import StepAccount
 from entclip.theory import (
     TokenStats,
+    entropy_delta_between,
+    entropy_delta_from_logit_change,
     grpo_logit_delta,
     single_logit_delta,
     token_entropy,
@@ -241,3 +246,133 @@ def test_rejects_bad_temperature_and_shapes():
         token_stats(logits, tokens, temperature=0.0)
     with pytest.raises(ValueError):
         token_stats(logits, tokens[:1])
+
+
+def peak_extra_bytes(fn, tmp_path) -> int:
+    """Most bytes the CPU allocator held at once during fn() beyond what was allocated before.
+
+    torch's profiler reports every CPU allocation and free with the running total ("[memory]" events).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    assert events, "the profiler reported no allocations"
+    before = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - before
+
+
+def sliced_case(b, t, vocab, seed, dtype=torch.float32):
+    # Like the engine's logits[:, :-1]: (b, t, V) that cannot be viewed as (b * t, V).
+    logits, tokens = random_case((b, t + 1), vocab, seed)
+    return logits.to(dtype)[:, :-1], tokens[:, :-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_odd_chunks_give_the_unchunked_stats_for_bf16_and_temperature(dtype, temperature):
+    logits, tokens = sliced_case(3, 7, 29, seed=13, dtype=dtype)
+    whole = token_stats(logits, tokens, temperature, chunk_size=10**6)
+    want = reference_stats(logits.double(), tokens, temperature)  # bf16 -> float64 is exact
+    for chunk in (1, 3, 5, 8, 20):  # within one sequence, across sequences, several sequences
+        part = token_stats(logits, tokens, temperature, chunk_size=chunk)
+        for field, ref in zip(("logp", "entropy", "disc", "baseline"), want):
+            torch.testing.assert_close(getattr(part, field), getattr(whole, field), rtol=0, atol=1e-6)
+            torch.testing.assert_close(getattr(part, field).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_stats_extra_memory_is_two_chunk_buffers_whatever_the_rows(dtype, tmp_path):
+    vocab, chunk = 4096, 5
+    buffers = 2 * chunk * vocab * 4  # two (chunk, V) float32 buffers
+    for b in (4, 16):
+        logits, tokens = sliced_case(b, 6, vocab, seed=14, dtype=dtype)
+        peak = peak_extra_bytes(lambda: token_stats(logits, tokens, chunk_size=chunk), tmp_path)
+        outputs = 4 * tokens.numel() * 4
+        # At least the buffers (the measurement sees them); nothing (N, V)-sized beyond them.
+        assert buffers <= peak <= buffers + outputs + 4096, (b, peak, buffers)
+
+
+def test_default_chunk_fills_one_budget_of_float32_values(tmp_path):
+    vocab = 2**15
+    rows = theory.default_chunk_rows(vocab)
+    assert 1 <= rows and 2 * rows * vocab <= theory._CHUNK_ELEMENTS["cpu"] < 2 * (rows + 1) * vocab
+    logits, tokens = random_case((3 * rows + 1,), vocab, seed=15)
+    peak = peak_extra_bytes(lambda: token_stats(logits, tokens), tmp_path)
+    assert peak <= theory._CHUNK_ELEMENTS["cpu"] * 4 + 4096
+    assert theory.default_chunk_rows(10**9) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logp_and_entropy_backward_keep_no_float32_copy_of_the_logits(dtype, tmp_path):
+    vocab = 2**15
+    logits, tokens = random_case((8, 16), vocab, seed=16)
+    leaf = logits.to(dtype).requires_grad_(True)  # (8, 16, V): 4 default chunks
+    # (Not a slice here: slicing's own backward would add a full-size gradient of its own.)
+
+    def step():
+        (token_logp(leaf, tokens, 0.8) + token_entropy(leaf, 0.8)).sum().backward()
+
+    peak = peak_extra_bytes(step, tmp_path)
+    grad = leaf.numel() * leaf.element_size()  # autograd's own: the gradient, in the logits' dtype
+    # Two gradients (one per function, then summed) plus one chunk budget: a float32 copy of the
+    # logits (twice the budget here) would not fit; the unchunked formulas held five or six.
+    assert peak <= 2 * grad + theory._CHUNK_ELEMENTS["cpu"] * 4 + 2**16, (peak, grad)
+    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logp_and_entropy_gradients_match_float64_autograd(temperature):
+    logits, tokens = sliced_case(2, 5, 31, seed=17)
+    logits[0, 0, :4] = -math.inf  # masked logits: zero gradient, no nan
+    z = logits.clone().requires_grad_(True)
+    (token_logp(z, tokens, temperature) + 0.5 * token_entropy(z, temperature)).sum().backward()
+    z64 = logits.double().requires_grad_(True)
+    logp64 = torch.log_softmax(z64 / temperature, -1)
+    h64 = -(logp64.exp() * logp64.clamp(min=-1e300)).sum(-1)
+    (logp64.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) + 0.5 * h64).sum().backward()
+    assert torch.isfinite(z.grad).all() and (z.grad[0, 0, :4] == 0).all()
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_entropy_delta_between_is_the_dz_form_chunked(tmp_path):
+    z, _ = sliced_case(3, 6, 40, seed=18)
+    new = z + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(19))
+    want = entropy_delta_from_logit_change(z.double(), new.double() - z.double(), 0.9)
+    for chunk in (1, 4, 7, None):
+        got = entropy_delta_between(z, new, 0.9, chunk_size=chunk)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(entropy_delta_from_logit_change(z, new - z, 0.9, chunk_size=chunk), got,
+                                   rtol=1e-5, atol=1e-7)
+    # bf16 logits: the difference is taken in float32, where it is exact.
+    zb, nb = z.bfloat16(), new.bfloat16()
+    want = entropy_delta_from_logit_change(zb.double(), nb.double() - zb.double())
+    got = entropy_delta_between(zb, nb, chunk_size=5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    vocab = 2**15
+    zb, _ = random_case((8, 17), vocab, seed=20)  # a float32 copy is twice the budget
+    zb, nb = zb.bfloat16(), (zb + 0.01).bfloat16()
+    peak = peak_extra_bytes(lambda: entropy_delta_between(zb, nb), tmp_path)
+    assert peak <= theory._CHUNK_ELEMENTS["cpu"] * 4 + 4096
+
+
+def test_step_account_pred_dz_is_the_unchunked_formula_within_one_chunk(tmp_path):
+    vocab = 2**16
+    old, tokens = random_case((6, 9), vocab, seed=21)
+    new = old + 0.02 * torch.randn(old.shape, generator=torch.Generator().manual_seed(22))
+    mask = torch.ones(6, 9)
+    mask[:, 7:] = 0
+    acct = StepAccount(params=[], grad_h=[], logits=old, h_old=1.0, n_valid=int(mask.sum()), shape=tuple(old.shape[:2]))
+    stats = token_stats(old, tokens)
+    out = {}
+    adv = torch.ones(6, 9)
+    peak = peak_extra_bytes(lambda: out.update(acct.finish(new, 1.1, [], stats, adv, mask, 0.8)), tmp_path)
+    logp = torch.log_softmax(old.double() / 0.8, -1)
+    p = logp.exp()
+    s = p * (-(p * logp).sum(-1, keepdim=True) + logp)
+    want = (-(s * (new.double() - old.double())).sum(-1) / 0.8)[mask.bool()].sum() / mask.sum()
+    assert out["entropy/pred_dz"] == pytest.approx(float(want), rel=1e-5)
+    assert peak <= theory._CHUNK_ELEMENTS["cpu"] * 4 + 2**16  # (6, 9, V) float32: 1.7 budgets
