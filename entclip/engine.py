@@ -11,6 +11,7 @@ optimizer update); the learning-rate schedule is stepped by us per optimizer upd
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
@@ -73,8 +74,12 @@ class Trainer:
             raise EntclipError("device=cuda but no CUDA device is visible; use --set device=cpu or auto")
         self.precision = resolve_precision(cfg)
         # cpu=True also when no GPU is visible: it is what makes accelerate use gloo across CPU processes.
-        self.accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
-                                       mixed_precision="bf16" if self.precision == "bf16-mixed" else "no")
+        self.accelerator = Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+        # bf16-mixed: our own autocast around forwards. accelerate's would convert the outputs - the
+        # full (b, T, V) logits - back to float32; under ours they stay bf16 and are read in chunks.
+        device_type = self.accelerator.device.type
+        self.autocast = ((lambda: torch.autocast(device_type, dtype=torch.bfloat16))
+                         if self.precision == "bf16-mixed" else contextlib.nullcontext)
         n_proc = self.accelerator.num_processes
         if cfg.prompts_per_step % n_proc or (cfg.batch_size // n_proc) % cfg.minibatches:
             raise EntclipError(f"prompts_per_step={cfg.prompts_per_step} x group_size={cfg.group_size} does not "
@@ -92,7 +97,10 @@ class Trainer:
         model, self.tokenizer, self.warm_start = load(log)
         self.ref = None
         if cfg.kl_coef > 0:
-            self.ref = (load_start if resume else load)(lambda s: None)[0].to(self.accelerator.device).eval()
+            ref = (load_start if resume else load)(lambda s: None)[0]
+            if self.precision != "fp32":  # inference only: bf16 weights suffice
+                ref = ref.to(torch.bfloat16)
+            self.ref = ref.to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
         self._load_task()
         verifier = "math" if cfg.dataset else "exact"
@@ -106,7 +114,7 @@ class Trainer:
             model.config.use_cache = False  # generate passes use_cache itself
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.opt = self.accelerator.prepare(model, opt)
-        self.sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens,
+        self.sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens, self.autocast,
                                  cfg.generation_batch_size)
         total = cfg.steps * cfg.epochs * cfg.minibatches
         self.accounting_s = 0.0  # time the current step spent on entropy accounting
@@ -117,6 +125,7 @@ class Trainer:
         self._first = None  # (rows, logits with graph) of the stats pass's first micro-batch
         self.reward_metrics: dict[str, float] = {}
         self.row_ids: list[tuple[int, int]] = []
+        self._micro_splits: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     def _load_task(self) -> None:
@@ -179,7 +188,12 @@ class Trainer:
     def _micro(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """A minibatch's rows in micro-batches of at most micro_batch_size sequences."""
         size = self.cfg.micro_batch_size
-        return [rows] if size is None or size >= len(rows) else list(rows.split(size))
+        if size is None or size >= len(rows):
+            return [rows]
+        key = (rows.data_ptr(), len(rows))  # the same split objects for the stats pass and the update
+        if key not in self._micro_splits:
+            self._micro_splits[key] = list(rows.split(size))
+        return self._micro_splits[key]
 
     def _global_sum(self, value: float) -> float:
         """Sum of a number over all processes (itself on one process)."""
@@ -204,7 +218,7 @@ class Trainer:
         n_valid = max(self._global_sum(mask.sum()), 1.0)
         out = {k: torch.empty(B, T, device=ids.device) for k in ("logp", "entropy", "disc", "baseline", "ref")}
         old_logits = None
-        keep_logits = account and B * T * len(self.tokenizer) <= ACCOUNT_LOGITS_MAX
+        keep_logits = None  # decided on the first logits: their width is the model's vocabulary
         self._first = None
         # Reusing the first forward for the first update needs a second backward through the same
         # DDP forward when accounting: not allowed, so with N > 1 processes accounting forgoes it.
@@ -212,13 +226,16 @@ class Trainer:
         micro = [m for rows in minibatches for m in self._micro(rows)]
         for i, rows in enumerate(micro):
             with torch.set_grad_enabled(account or (i == 0 and reuse)):
-                logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+                with self.autocast():
+                    logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
             st = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature)
             for k in ("logp", "entropy", "disc", "baseline"):
                 out[k][rows] = getattr(st, k)
             if account:  # grad of Hbar = mean entropy over the batch's valid tokens (DDP averages: x N)
                 h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
                 self.accelerator.backward(h_part, retain_graph=i == 0 and reuse)
+                if keep_logits is None:
+                    keep_logits = B * T * logits.shape[-1] <= ACCOUNT_LOGITS_MAX
                 if keep_logits:
                     if old_logits is None:
                         old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
@@ -227,7 +244,8 @@ class Trainer:
                 self._first = (rows, logits)
             if self.ref is not None:
                 with torch.no_grad():
-                    ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
+                    with self.autocast():
+                        ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
                 out["ref"][rows] = theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature)
         stats = BatchStats(out["logp"], out["entropy"], out["disc"], out["baseline"],
                            out["ref"] if self.ref is not None else None)
@@ -250,7 +268,8 @@ class Trainer:
         size = cfg.micro_batch_size or cfg.minibatch_size
         parts, h_sum = [], 0.0
         for s in range(0, ids.shape[0], size):
-            logits = completion_logits(self.model, ids[s:s + size], am[s:s + size], T)
+            with self.autocast():
+                logits = completion_logits(self.model, ids[s:s + size], am[s:s + size], T)
             ent = theory.token_stats(logits, roll.completion_ids[s:s + size], cfg.temperature).entropy
             h_sum += float((ent * mask[s:s + size]).sum())
             if keep_logits:
@@ -285,24 +304,26 @@ class Trainer:
                 n_tok = 0
                 loss_sum = policy_sum = kl_sum = 0.0
                 for j, mrows in enumerate(micro):
-                    if self._first is not None and self._first[0] is mrows:
-                        logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
-                    else:
-                        logits = completion_logits(self.model, ids[mrows], am[mrows], T)  # (b, T, V)
-                    self._first = None
-                    logp = theory.token_logp(logits, roll.completion_ids[mrows], cfg.temperature)
-                    m = loss_mask[mrows]
-                    ent = (theory.token_entropy(logits, cfg.temperature)
-                           if bonus or cfg.entropy_control == "steer" else None)
-                    terms = objective.token_terms(cfg, logp, stats.old_logp[mrows], adv_tok[mrows],
-                                                  None if stats.ref_logp is None else stats.ref_logp[mrows],
-                                                  None if ent is None else ent.detach(), m)
-                    loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant, denom)
-                    if self.entropy_coef > 0:
-                        loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
-                                                                   cfg.agg_constant, denom)
+                    # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
                     sync = j == len(micro) - 1 or n_proc == 1
                     with nullcontext() if sync else self.accelerator.no_sync(self.model):
+                        if self._first is not None and self._first[0] is mrows:
+                            logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
+                        else:
+                            with self.autocast():
+                                logits = completion_logits(self.model, ids[mrows], am[mrows], T)  # (b, T, V)
+                        self._first = None
+                        logp = theory.token_logp(logits, roll.completion_ids[mrows], cfg.temperature)
+                        m = loss_mask[mrows]
+                        ent = (theory.token_entropy(logits, cfg.temperature)
+                               if bonus or cfg.entropy_control == "steer" else None)
+                        terms = objective.token_terms(cfg, logp, stats.old_logp[mrows], adv_tok[mrows],
+                                                      None if stats.ref_logp is None else stats.ref_logp[mrows],
+                                                      None if ent is None else ent.detach(), m)
+                        loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant, denom)
+                        if self.entropy_coef > 0:
+                            loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
+                                                                       cfg.agg_constant, denom)
                         self.accelerator.backward(loss * n_proc)  # DDP averages over processes
                     if account is not None:
                         t_acc = time.perf_counter()
@@ -398,6 +419,7 @@ class Trainer:
         self.accounting_s = 0.0
         t_stats = time.perf_counter()
         epochs = self.minibatch_plan(step, roll.completion_ids.shape[0], device)
+        self._micro_splits = {}
         stats, account = self.batch_stats(roll, epochs[0], account=account_now)
         t_stats = time.perf_counter() - t_stats
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", step))

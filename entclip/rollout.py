@@ -9,6 +9,7 @@ so one process and N processes, or any generation batch size, draw the same toke
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,12 @@ class HFSampler(Sampler):
     the distribution the tokens came from.
     """
 
-    def __init__(self, model_fn, tokenizer, add_special_tokens: bool = True,
+    def __init__(self, model_fn, tokenizer, add_special_tokens: bool = True, autocast=None,
                  generation_batch_size: int | None = None):
+        """`model_fn()` -> the current policy; `autocast()` -> a context for its forwards (bf16-mixed)."""
         self.model_fn, self.tokenizer = model_fn, tokenizer
         self.add_special_tokens, self.batch_size = add_special_tokens, generation_batch_size
+        self.autocast = autocast or contextlib.nullcontext
 
     @torch.no_grad()  # not inference_mode: the sequences feed an autograd forward later (FACTS.md)
     def sample(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
@@ -171,8 +174,9 @@ class HFSampler(Sampler):
         if not greedy:
             row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
             processors.append(_GumbelSampling(row_seeds, prompt_ids.shape[1], temperature))
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             logits_processor=processors)
+        with self.autocast():
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 logits_processor=processors)
         completion_ids = out[:, prompt_ids.shape[1]:]   # (B, T)
         mask = completion_mask(completion_ids, eos)
         texts = tok.batch_decode(completion_ids * mask + tok.pad_token_id * (1 - mask), skip_special_tokens=True)

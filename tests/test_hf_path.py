@@ -131,3 +131,16 @@ def test_smollm2_trains_two_clip_v_steps_with_the_chat_template_and_math_reward(
     assert "arith/avg@2" in evals[-1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_bf16_precisions_train_on_cpu(stand_ins, tmp_path, precision):
+    """The GPU precisions run here too (CPU autocast / bf16 weights): finite figures, a checkpoint."""
+    res = runner.invoke(app, ["train", "-q", "--preset", "qwen-math", "--out-dir", str(tmp_path), "--name", "p",
+                              *_standin_sets(stand_ins), "--set", f"precision={precision}", "--set", "steps=1",
+                              "--set", "kl_coef=0.01"])
+    assert res.exit_code == 0, res.output
+    row = _rows(tmp_path / "p" / "metrics.jsonl")[0]
+    for key in ("loss/total", "grad/norm", "entropy/mean", "kl/ref", "entropy/pred_param"):
+        assert row[key] is not None and row[key] == row[key], key
+    assert row["train/skipped_updates"] == 0
