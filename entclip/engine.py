@@ -112,7 +112,12 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False  # generate passes use_cache itself
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (plan.py counts on it).
+        fused = self.accelerator.device.type == "cuda"
+        if fused:
+            model.to(self.accelerator.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                **({"fused": True} if fused else {}))
         self.model, self.opt = self.accelerator.prepare(model, opt)
         self.sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens, self.autocast,
                                  cfg.generation_batch_size)

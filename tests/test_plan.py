@@ -1,5 +1,6 @@
 """Dry-run planning: reachability messages (offline, fast) and the memory estimate, checked against a
-real model's parameter count and the bytes autograd actually saves."""
+real model's parameter count, the bytes autograd saves, the KV cache a forward builds, and the peak
+of each phase of a real Trainer step measured with the profiler's memory events."""
 
 from __future__ import annotations
 
@@ -239,18 +240,108 @@ def test_activation_formula_matches_what_autograd_saves(precision):
         model = model.to(torch.bfloat16)
     cfg = make_cfg(precision=precision)
     est = plan.memory_estimate(cfg, config)
-    expected = row(est, "activations") + (row(est, "bf16 weight copies") if precision == "bf16-mixed" else 0)
+    expected = row(est, "activations") + (row(est, "bf16 weight casts kept") if precision == "bf16-mixed" else 0)
     measured = saved_bytes(model, cfg, autocast=precision == "bf16-mixed") / plan.GIB
     assert measured == pytest.approx(expected, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def logits_heavy_model(tmp_path_factory):
+    """A Qwen2 model folder whose logits outweigh its activations (V = 32768, h = 64), with the built-in
+    character tokenizer; equal heads and KV heads (see the activation test)."""
+    from entclip.tasks.tiny import build_char_tokenizer
+
+    path = tmp_path_factory.mktemp("logits-heavy")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(small_config(vocab_size=32768, num_key_value_heads=4)).save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return path
+
+
+def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
+    """Peak bytes of each phase of Trainer.step on CPU, above the level at the step's start (weights and
+    AdamW moments, after one step), from the profiler's memory events. The rollout is a fixed batch."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from entclip.engine import Trainer
+    from entclip.rollout import Rollout
+
+    base = dict(model=str(folder), device="cpu", precision="fp32", max_prompt_tokens=16, max_new_tokens=64,
+                prompts_per_step=2, group_size=4, minibatches=2, micro_batch_size=2, entropy_accounting=False,
+                threads=1)
+    cfg = Config(**{**base, **settings})
+    trainer = Trainer(cfg, None, lambda s: None)
+    B, P, T, V = cfg.batch_size, cfg.max_prompt_tokens, cfg.max_new_tokens, trainer.policy.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    roll = Rollout(torch.randint(0, V, (B, P), generator=gen), torch.ones(B, P, dtype=torch.long),
+                   torch.randint(0, V, (B, T), generator=gen), torch.ones(B, T, dtype=torch.long), [""] * B, [""] * B)
+    trainer.rollout = lambda step: (roll, torch.arange(B, dtype=torch.float32) % 3, [False] * B)
+    trainer.row_ids = [(i, 0) for i in range(B)]
+    phases = {"batch_stats": "stats pass", "update": "update", "entropy_after": "accounting"}
+    for method, phase in phases.items():
+        def marked(*args, _run=getattr(trainer, method), _phase=phase, **kwargs):
+            with record_function(_phase):
+                return _run(*args, **kwargs)
+        setattr(trainer, method, marked)
+    try:
+        trainer.step(1)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainer.step(2)
+    finally:
+        trainer.rewards.close()
+    events = list(prof.profiler.kineto_results.events())
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    peaks = {}
+    for e in events:
+        if e.name() in phases.values():
+            level, peak = 0, 0
+            for t, nbytes in memory:
+                level += nbytes
+                if e.start_ns() <= t <= e.end_ns():
+                    peak = max(peak, level)
+            peaks[e.name()] = peak
+    return cfg, peaks
+
+
+@pytest.mark.parametrize("precision, settings", [
+    ("fp32", {}),
+    ("bf16", {"entropy_coef": 0.01}),
+    ("bf16-mixed", {}),
+    ("bf16-mixed", {"entropy_coef": 0.01, "gradient_checkpointing": True}),
+    ("fp32", {"entropy_accounting": True, "gradient_checkpointing": True, "micro_batch_size": 1}),
+    ("bf16-mixed", {"entropy_accounting": True}),
+    ("bf16", {"entropy_accounting": True, "minibatches": 1, "micro_batch_size": None}),
+    ("fp32", {"kl_coef": 0.1, "micro_batch_size": 4}),  # (bf16 on CPU: the reference's bmm copies its weight)
+])
+def test_each_phase_matches_a_profiled_trainer_step(logits_heavy_model, precision, settings):
+    cfg, measured = profiled_step(logits_heavy_model, precision=precision, **settings)
+    est = plan.memory_estimate(cfg, plan.model_config(cfg))
+    assert set(measured) == {"stats pass", "update"} | ({"accounting"} if cfg.entropy_accounting else set())
+    for phase, nbytes in measured.items():
+        assert est.phases[phase] * plan.GIB == pytest.approx(nbytes, rel=0.02), phase
 
 
 def test_doubling_the_micro_batch_doubles_activations_and_logits():
     config = small_config()
     one, two = (plan.memory_estimate(make_cfg(micro_batch_size=b), config) for b in (2, 4))
-    assert row(two, "activations") == pytest.approx(2 * row(one, "activations"))
-    chunk = plan.STATS_CHUNK_BYTES / plan.GIB
-    assert row(two, "logits") - chunk == pytest.approx(2 * (row(one, "logits") - chunk))
+    for prefix in ("activations", "logits", "their gradients in the update"):
+        assert row(two, prefix) == pytest.approx(2 * row(one, prefix))
     assert row(two, "weights") == row(one, "weights")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+def test_logits_and_their_gradients_stay_in_the_compute_dtype(precision):
+    # b=2 sequences, T=16: logits (2, 17, V) and gradients (2, 16, V) then (2, 17, V), e bytes each; no
+    # float32 copy. The bonus adds token_entropy's (2, 16, V) gradient and theory's two float32 (5, V)
+    # chunk buffers (CPU budget 2**21 floats), which together exceed the slice's gradient.
+    V, e = 200_000, 4 if precision == "fp32" else 2
+    config = small_config(vocab_size=V)
+    plain, bonus = (plan.memory_estimate(make_cfg(precision=precision, device="cpu", entropy_coef=c), config)
+                    for c in (0.0, 0.01))
+    chunk = 2 * 4 * V * 5
+    assert row(plain, "logits") * plan.GIB == 2 * 17 * V * e
+    assert row(plain, "their gradients in the update") * plan.GIB == 2 * 16 * V * e + 2 * 17 * V * e
+    assert row(bonus, "their gradients in the update") * plan.GIB == 2 * (2 * 16 * V * e) + chunk
 
 
 def test_gradient_checkpointing_lowers_activations_only():
@@ -280,11 +371,29 @@ def test_bf16_weights_take_half_the_bytes_of_fp32():
     assert row(mixed, "KV cache") == pytest.approx(row(fp32, "KV cache") * 6 / 8)  # fp32 keys, bf16 values
 
 
-def test_kl_penalty_adds_a_reference_model():
+def test_kl_penalty_adds_a_reference_model_in_bf16_unless_fp32():
     config = small_config()
     est = plan.memory_estimate(make_cfg(kl_coef=0.05), config)
     assert row(est, "reference model") == row(est, "weights")
+    mixed = plan.memory_estimate(make_cfg(kl_coef=0.05, precision="bf16-mixed"), config)
+    assert row(mixed, "reference model") == pytest.approx(row(mixed, "weights") / 2)  # engine: ref in bf16
     assert not any(label.startswith("reference") for label, _ in plan.memory_estimate(make_cfg(), config).rows)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+def test_kv_cache_formula_matches_the_cache_a_forward_builds(precision):
+    config = small_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    cfg = make_cfg(precision=precision, generation_batch_size=3)
+    ids = torch.randint(0, config.vocab_size, (3, cfg.max_prompt_tokens + cfg.max_new_tokens))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding, as in a rollout
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert row(plan.memory_estimate(cfg, config), "KV cache") * plan.GIB == measured
 
 
 def test_resolve_precision_auto_follows_the_gpu(monkeypatch):
@@ -299,7 +408,9 @@ def test_resolve_precision_auto_follows_the_gpu(monkeypatch):
 def test_render_shows_both_columns_and_the_peaks():
     est = plan.memory_estimate(make_cfg(precision="bf16-mixed", prompts_per_step=8), small_config(), 4)
     lines = plan.render_memory(est)
-    assert "4 GPUs, sharded" in lines[1]
+    assert "4 GPUs" in lines[1] and "4 GPUs, if sharded" in lines[1]
     peak = next(line for line in lines if line.strip().startswith("peak")).split()
-    assert peak[1:] == [f"{est.total_gib:.1f}", f"{est.sharded_total_gib:.1f}"]
+    assert peak[1:] == [f"{est.total_gib:.1f}", f"{est.dp_total_gib:.1f}", f"{est.sharded_total_gib:.1f}"]
+    # data parallel: the whole model on every GPU, a quarter of the batch
+    assert est.sharded_total_gib < est.dp_total_gib <= est.total_gib
     assert any("note: peak = resident + the largest phase" in line for line in lines)
