@@ -254,9 +254,11 @@ def _coerce(name: str, value: Any) -> Any:
     args = typing.get_args(hint)
     optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
     if optional:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
         hint = next(a for a in args if a is not type(None))
+        # "none" is a fine run name or dataset config: for text fields only null / empty mean unset.
+        nulls = ("null", "") if hint is str else ("none", "null", "")
+        if value is None or (isinstance(value, str) and value.lower() in nulls):
+            return None
     bad = f"{name}={value!r}: expected {_type_name(hint)}; e.g. --set {name}={default}"
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)

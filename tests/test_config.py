@@ -89,3 +89,9 @@ def test_malformed_yaml_and_non_mapping_config_fail(tmp_path):
         resolve(config_file=str(lst))
     with pytest.raises(EntclipError, match="cannot read"):
         resolve(config_file=str(tmp_path / "missing.yaml"))
+
+
+def test_none_is_a_valid_run_name_but_null_unsets():
+    assert resolve(flags={"name": "none"}).name == "none"  # scripts/readme_runs.sh names a run so
+    assert resolve(sets=["name=null"]).name is None
+    assert resolve(sets=["dual_clip_c=none"]).dual_clip_c is None
