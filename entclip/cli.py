@@ -290,9 +290,11 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
 
 def _check_task(cfg) -> None:
     """Validate the task's settings before anything is written."""
+    from entclip.rewards import parse_spec
     from entclip.tasks.arithmetic import ArithmeticTask
 
     ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+    parse_spec(cfg.reward, "math" if cfg.dataset else "exact")  # names known, custom functions importable
 
 
 def _resume(path: Path, quiet: bool) -> None:
