@@ -66,6 +66,13 @@ class StepAccount:
         self.contrib = torch.zeros(self.shape, device=self.grad_h[0].device if self.grad_h else None)
         self.drive = torch.zeros_like(self.contrib)
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token predictions so far, to restore if an update is skipped."""
+        return self.contrib.clone(), self.drive.clone()
+
+    def restore(self, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.contrib, self.drive = saved
+
     def add_update(self, rows: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
                    advantages: torch.Tensor, ratio: torch.Tensor, zero_grad: torch.Tensor,
                    loss_mask: torch.Tensor, weights: torch.Tensor, lr: float, temperature: float) -> None:

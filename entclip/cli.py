@@ -309,11 +309,26 @@ def _resume(path: Path, quiet: bool) -> None:
         if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
             raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "
                                "start a new run to train further")
-    run, ckpt = RunDir.reopen(path)
     cfg = resolve(config_file=str(path / CONFIG))
-    with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
-        summary = run_train(cfg, run, log=progress.log, on_step=progress.step, resume_from=ckpt)
-    _report_done(summary, path, quiet)
+    main = True
+    if _world_size() == 1:
+        run, ckpt = RunDir.reopen(path)
+    else:  # the main process cleans the run directory up; the others wait, then only read it
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+        main = state.is_main_process
+        if main:
+            run, ckpt = RunDir.reopen(path)
+        state.wait_for_everyone()
+        if not main:
+            run, ckpt = RunDir(path), latest_checkpoint(path)
+    with Progress(cfg.steps, quiet=quiet or not main, log_every=cfg.log_every) as progress:
+        summary = run_train(cfg, run, log=progress.log if main else lambda s: None, on_step=progress.step,
+                            resume_from=ckpt)
+    if main:
+        _report_done(summary, path, quiet)
 
 
 def _report_done(summary: dict, path: Path, quiet: bool) -> None:

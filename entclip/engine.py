@@ -200,6 +200,13 @@ class Trainer:
             self._micro_splits[key] = list(rows.split(size))
         return self._micro_splits[key]
 
+    def _global_max(self, value: float) -> float:
+        """Maximum of a number over all processes (itself on one process)."""
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(t).max())
+
     def _global_sum(self, value: float) -> float:
         """Sum of a number over all processes (itself on one process)."""
         if self.accelerator.num_processes == 1:
@@ -229,6 +236,9 @@ class Trainer:
         # DDP forward when accounting: not allowed, so with N > 1 processes accounting forgoes it.
         reuse = not (account and n_proc > 1)
         micro = [m for rows in minibatches for m in self._micro(rows)]
+        # Training mode: activation checkpointing only works there (dropout is off, so the function
+        # is the same as in eval mode), and the first forward's graph serves the first update.
+        self.model.train()
         for i, rows in enumerate(micro):
             with torch.set_grad_enabled(account or (i == 0 and reuse)):
                 with self.autocast():
@@ -239,8 +249,8 @@ class Trainer:
             if account:  # grad of Hbar = mean entropy over the batch's valid tokens (DDP averages: x N)
                 h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
                 self.accelerator.backward(h_part, retain_graph=i == 0 and reuse)
-                if keep_logits is None:
-                    keep_logits = B * T * logits.shape[-1] <= ACCOUNT_LOGITS_MAX
+                if keep_logits is None:  # the same decision on every process (their T differ)
+                    keep_logits = self._global_max(B * T * logits.shape[-1]) <= ACCOUNT_LOGITS_MAX
                 if keep_logits:
                     if old_logits is None:
                         old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
@@ -270,7 +280,7 @@ class Trainer:
         updates, on the same tokens."""
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        size = cfg.micro_batch_size or cfg.minibatch_size
+        size = cfg.micro_batch_size or max(ids.shape[0] // cfg.minibatches, 1)  # as in the updates
         parts, h_sum = [], 0.0
         for s in range(0, ids.shape[0], size):
             with self.autocast():
@@ -306,8 +316,9 @@ class Trainer:
                 denom = max(self._global_sum(local), 1.0)
                 micro = self._micro(rows)
                 row: dict[str, float] = {}
-                n_tok = 0
+                n_tok = n_kept = 0  # valid tokens (kl/ref) and tokens in the loss (the fractions)
                 loss_sum = policy_sum = kl_sum = 0.0
+                saved = account.snapshot() if account is not None else None  # undone if skipped
                 for j, mrows in enumerate(micro):
                     # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
                     sync = j == len(micro) - 1 or n_proc == 1
@@ -344,19 +355,23 @@ class Trainer:
                     policy_sum += losses.aggregate(terms.surrogate.detach(), m, cfg.loss_agg,
                                                    cfg.agg_constant, denom).item()
                     kl_sum += float((terms.kl.detach() * valid).sum())
-                    for k, v in terms.stats.items():  # fractions of the micro-batch's valid tokens
+                    kept = int(m.bool().sum())
+                    for k, v in terms.stats.items():  # fractions of the micro-batch's tokens in the loss
                         row[k] = (min(row.get(k, v), v) if k.endswith("_min") else max(row.get(k, v), v)
-                                  if k.endswith("_max") else row.get(k, 0.0) + v * n)
+                                  if k.endswith("_max") else row.get(k, 0.0) + v * kept)
                     n_tok += n
+                    n_kept += kept
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
-                row = {k: v if k.endswith(("_min", "_max")) else v / max(n_tok, 1) for k, v in row.items()}
+                row = {k: v if k.endswith(("_min", "_max")) else v / max(n_kept, 1) for k, v in row.items()}
                 row.update({"loss/total": loss_sum * n_proc, "loss/policy": policy_sum * n_proc,
                             "kl/ref": kl_sum / max(n_tok, 1), "grad/norm": float(grad_norm)})
-                row = self._reduce_update(row, n_tok)
+                row = self._reduce_update(row, n_tok, n_kept)
                 if not (math.isfinite(row["loss/total"]) and math.isfinite(float(grad_norm))):
                     # Skip the update (parameters and optimizer state untouched), count it.
                     self.opt.zero_grad(set_to_none=True)
+                    if saved is not None:  # and it predicts no entropy change
+                        account.restore(saved)
                     self.nonfinite_total += 1
                     self.nonfinite_streak += 1
                     skipped += 1
@@ -377,19 +392,19 @@ class Trainer:
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
-    def _reduce_update(self, row: dict[str, float], n_tok: int) -> dict[str, float]:
+    def _reduce_update(self, row: dict[str, float], n_tok: int, n_kept: int) -> dict[str, float]:
         """One update's metrics over all processes: loss parts add up (each is its share of the
-        global aggregate, scaled by N for DDP's mean: so the mean), token fractions weigh by each
-        process's valid tokens, *_min / *_max reduce as such; the gradient norm is global already."""
+        global aggregate, scaled by N for DDP's mean: so the mean), kl/ref weighs by each process's
+        valid tokens and the token fractions by its tokens in the loss, *_min / *_max reduce as such;
+        the gradient norm is global already."""
         if self.accelerator.num_processes == 1:
             return row
         from accelerate.utils import gather_object
 
-        every = gather_object([(row, n_tok)])
-        total = max(sum(n for _, n in every), 1)
+        every = gather_object([(row, n_tok, n_kept)])
         out = {}
         for k in row:
-            values = [r[k] for r, _ in every]
+            values = [r[k] for r, _, _ in every]
             if k.endswith("_min"):
                 out[k] = min(values)
             elif k.endswith("_max"):
@@ -397,7 +412,8 @@ class Trainer:
             elif k.startswith(("loss/", "grad/")):
                 out[k] = sum(values) / len(values)
             else:
-                out[k] = sum(r[k] * n for r, n in every) / total
+                weights = [n if k == "kl/ref" else kept for _, n, kept in every]
+                out[k] = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1)
         return out
 
     def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[torch.Tensor]]:
@@ -681,6 +697,8 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                 trainer.save(step, elapsed())
             on_step(step, metrics)
+            if trainer.accelerator.num_processes > 1:  # every process stops after the same step
+                trainer.stop_requested = trainer._global_max(trainer.stop_requested) > 0
             if trainer.stop_requested and step != cfg.steps:
                 ckpt = trainer.save(step, elapsed())
                 _finish(trainer, run, "interrupted", step, elapsed(), ckpt)
@@ -692,11 +710,16 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
         raise EntclipError(f"stopped at step {stop.step}: {cfg.max_nonfinite} non-finite updates in a row "
                            f"(loss or gradient); last good parameters in {ckpt or 'the warm start'}; "
                            "lower lr or raise max_grad_norm clipping", FAILED) from None
-    finally:
+    except BaseException:
         trainer.rewards.close()
+        raise
+    finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    trainer.evaluate(cfg.steps)
+    try:
+        trainer.evaluate(cfg.steps)
+    finally:
+        trainer.rewards.close()  # the reward worker's last use
     ckpt = trainer.save(cfg.steps, elapsed())
     return _finish(trainer, run, "completed", cfg.steps, elapsed(), ckpt)
 

@@ -89,16 +89,23 @@ def gumbel_noise(row_seeds: torch.Tensor, position: int, vocab: int) -> torch.Te
     A splitmix64 finalizer over int64 counters (wrapping arithmetic), 24 bits per uniform. Adding it
     to logits / T and taking the argmax samples from softmax(logits / T) (the Gumbel-max trick) with
     no generator state, so a row's tokens do not depend on which batch or process sampled it. The
-    24-bit uniforms cap the noise at about 17.3: tokens more than that below the best logit / T
-    (probability < 3e-8 relative to it) are never drawn.
+    23-bit uniforms cap the noise at about 16.6: tokens more than that below the best logit / T
+    (probability < 6e-8 relative to it) are never drawn.
     """
     tok = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
     x = row_seeds[:, None] * _GOLDEN + _signed((position + 1) * _MIX2) + tok[None, :] * _MIX1
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
     x = x ^ _shr(x, 31)
-    u = (_shr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)  # (0, 1)
-    return -torch.log(-torch.log(u))
+    return -torch.log(-torch.log(_uniform(x)))
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """int64 hash values -> float32 uniforms strictly inside (0, 1) from their top 23 bits.
+
+    23 bits + 0.5 are exact in float32; with 24 the largest value rounds to 1.0 (noise +inf).
+    """
+    return (_shr(x, 41).to(torch.float32) + 0.5) / float(1 << 23)
 
 
 class _GumbelSampling:
@@ -174,9 +181,15 @@ class HFSampler(Sampler):
         if not greedy:
             row_seeds = torch.tensor(seeds, dtype=torch.int64, device=device)
             processors.append(_GumbelSampling(row_seeds, prompt_ids.shape[1], temperature))
-        with self.autocast():
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                 logits_processor=processors)
+        # generate fills every unset field of `config` from model.generation_config (repetition penalty,
+        # suppressed tokens, ...): a blank one while sampling keeps the distribution softmax(z / T).
+        saved, model.generation_config = model.generation_config, GenerationConfig()
+        try:
+            with self.autocast():
+                out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                     logits_processor=processors)
+        finally:
+            model.generation_config = saved
         completion_ids = out[:, prompt_ids.shape[1]:]   # (B, T)
         mask = completion_mask(completion_ids, eos)
         texts = tok.batch_decode(completion_ids * mask + tok.pad_token_id * (1 - mask), skip_special_tokens=True)

@@ -218,7 +218,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     import torch
 
     try:  # weights_only: never unpickle arbitrary objects from a file
-        return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     except Exception as exc:
         raise EntclipError(f"{ckpt / 'trainer_state.pt'} cannot be read ({type(exc).__name__}); "
                            "the checkpoint is damaged: delete that folder to resume from an older one",

@@ -180,3 +180,14 @@ def test_accounting_without_room_for_the_old_logits_reports_the_rest(tmp_path, m
     for row in run.metrics:
         assert "entropy/pred_dz" not in row
         assert {"entropy/pred_param", "entropy/pred_logit", "entropy/measured"} <= row.keys()
+
+
+def test_micro_batches_with_a_filter_log_the_same_fractions(tmp_path):
+    """Token fractions are shares of the tokens in the loss, however the minibatch is split."""
+    _, whole, _ = _run(tmp_path, "whole", entropy_control="high_entropy", eps_high=0.05, eps_low=0.05)
+    _, parts, _ = _run(tmp_path, "parts", entropy_control="high_entropy", eps_high=0.05, eps_low=0.05,
+                       micro_batch_size=3)
+    assert any(r["clip/ratio_low_frac"] + r["clip/ratio_high_frac"] > 0 for r in whole.metrics)
+    for a, b in zip(whole.metrics, parts.metrics):
+        for k in ("clip/ratio_low_frac", "clip/ratio_high_frac", "loss/total", "clip/filter_frac"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
