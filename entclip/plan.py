@@ -280,6 +280,9 @@ def reachability(cfg) -> list[str]:
         split = spec.get("split") or ("train" if is_local_file(source) else "test")
         config = spec.get("config") or (cfg.dataset_config if source == cfg.dataset else None)
         attempt(check_dataset, source, config, split, eval_set=spec["name"])
+    last = max((i for i, p in enumerate(problems) if p.startswith("eval set ")), default=None)
+    if last is not None:  # the one fix for them all
+        problems[last] += "; or train without these evaluation sets: --set eval_sets=[]"
     return problems
 
 

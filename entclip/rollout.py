@@ -89,7 +89,7 @@ def gumbel_noise(row_seeds: torch.Tensor, position: int, vocab: int) -> torch.Te
     A splitmix64 finalizer over int64 counters (wrapping arithmetic), 24 bits per uniform. Adding it
     to logits / T and taking the argmax samples from softmax(logits / T) (the Gumbel-max trick) with
     no generator state, so a row's tokens do not depend on which batch or process sampled it. The
-    23-bit uniforms cap the noise at about 16.6: tokens more than that below the best logit / T
+    24-bit uniforms cap the noise at about 16.6: tokens more than that below the best logit / T
     (probability < 6e-8 relative to it) are never drawn.
     """
     tok = torch.arange(vocab, device=row_seeds.device, dtype=torch.int64)
@@ -101,11 +101,13 @@ def gumbel_noise(row_seeds: torch.Tensor, position: int, vocab: int) -> torch.Te
 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
-    """int64 hash values -> float32 uniforms strictly inside (0, 1) from their top 23 bits.
+    """int64 hash values -> float32 uniforms strictly inside (0, 1) from their top 24 bits.
 
-    23 bits + 0.5 are exact in float32; with 24 the largest value rounds to 1.0 (noise +inf).
+    In float32 the largest value, (2^24 - 0.5) / 2^24, rounds to 1.0 (noise +inf): it is clamped to
+    the largest float below 1; every other value is as computed.
     """
-    return (_shr(x, 41).to(torch.float32) + 0.5) / float(1 << 23)
+    u = (_shr(x, 40).to(torch.float32) + 0.5) / float(1 << 24)
+    return u.clamp_(max=1.0 - 2.0**-24)
 
 
 class _GumbelSampling:

@@ -21,7 +21,7 @@ def test_uniforms_stay_strictly_inside_zero_one():
 def test_gumbel_noise_is_finite_and_standard():
     noise = gumbel_noise(torch.arange(64) * 7919 + 3, 5, 151_936)  # a Qwen-sized vocabulary, 9.7M draws
     assert torch.isfinite(noise).all()
-    assert noise.max() < 16.7  # the 23-bit cap: u <= 1 - 2**-24 (never 1.0, whose noise is +inf)
+    assert noise.max() < 16.7  # the cap: u <= 1 - 2**-24 (never 1.0, whose noise is +inf)
     assert abs(float(noise.mean()) - 0.5772) < 0.01  # Euler-Mascheroni
     assert abs(float(noise.std()) - math.pi / math.sqrt(6)) < 0.01
 
