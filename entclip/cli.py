@@ -151,7 +151,7 @@ def train(
             return
         _check_sources(cfg)  # before the run directory exists: nothing is left behind
         from entclip.console import Progress
-        from entclip.engine import train as run_train
+        from entclip.loop import train as run_train
 
         run, main = _create_run(cfg, path, overwrite)
         try:
@@ -224,7 +224,8 @@ def _dry_run_checks(cfg) -> None:
     """For a Hugging Face model or dataset: can everything be reached, and what memory it needs."""
     if cfg.model == "tiny" and not cfg.dataset:
         return
-    from entclip.plan import memory_estimate, model_config, render_memory
+    from entclip.memory import memory_estimate, render_memory
+    from entclip.plan import model_config
 
     if cfg.model != "tiny":
         try:
@@ -248,7 +249,7 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
     """Every (preset, seed) as its own run directory under one group directory, validated first."""
     from entclip.config import resolve
     from entclip.console import Progress
-    from entclip.engine import train as run_train
+    from entclip.loop import train as run_train
     from entclip.rundir import RunDir
 
     try:
@@ -300,7 +301,7 @@ def _check_task(cfg) -> None:
 def _resume(path: Path, quiet: bool) -> None:
     from entclip.config import resolve
     from entclip.console import Progress
-    from entclip.engine import train as run_train
+    from entclip.loop import train as run_train
     from entclip.rundir import CONFIG, RunDir, checkpoint_step, latest_checkpoint
 
     if (path / CONFIG).exists():
@@ -309,14 +310,15 @@ def _resume(path: Path, quiet: bool) -> None:
         if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
             raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "
                                "start a new run to train further")
-    cfg = resolve(config_file=str(path / CONFIG))
     main = True
     if _world_size() == 1:
-        run, ckpt = RunDir.reopen(path)
+        run, ckpt = RunDir.reopen(path)  # checks the directory before its config is read
+        cfg = resolve(config_file=str(path / CONFIG))
     else:  # the main process cleans the run directory up; the others wait, then only read it
         import torch
         from accelerate import PartialState
 
+        cfg = resolve(config_file=str(path / CONFIG))
         state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
         main = state.is_main_process
         if main:

@@ -1,9 +1,11 @@
-"""The only stateful loop: rollout -> reward -> advantages -> token filter -> updates -> log.
+"""One training step of GRPO: rollout -> reward -> advantages -> token filter -> updates -> log.
 
-One training step = one rollout batch (prompts_per_step x group_size sequences per process) and its
-`epochs x minibatches` optimizer updates. Everything computed once per rollout batch - old
-log-probs, token statistics, the filter's keep-mask - is taken before the first update.
-accelerate owns the device, the wrapped model/optimizer and the backward pass.
+`Trainer.step(i)` = one rollout batch (prompts_per_step x group_size sequences, split over the
+processes) and its `epochs x minibatches` optimizer updates; it appends the step's row to
+metrics.jsonl (and samples.jsonl, filter.jsonl) and returns it. Everything computed once per rollout
+batch - old log-probs, token statistics, the filter's keep-mask - is taken before the first update.
+accelerate owns the device, the wrapped model/optimizer and the backward pass; figures over all
+processes come from parallel.py; the run around the steps is loop.train (also `engine.train`).
 
 Deliberate simplifications (stated, not hidden): no gradient accumulation (one backward per
 optimizer update); the learning-rate schedule is stepped by us per optimizer update, per process.
@@ -17,18 +19,17 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from entclip import baselines, losses, objective, theory
+from entclip import baselines, losses, objective, parallel, theory
 from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
-from entclip.errors import FAILED, INTERRUPTED, EntclipError
+from entclip.errors import EntclipError
 from entclip.models import load_folder, load_policy, quiet_libraries
 from entclip.rollout import HFSampler, Rollout, completion_logits
-from entclip.rundir import RunDir, load_trainer_state, save_checkpoint
+from entclip.rundir import RunDir
 
 Log = Callable[[str], None]
 # Entropy accounting keeps the old logits (B, T, V) for pred_dz only up to this many elements
@@ -55,7 +56,7 @@ class BatchStats:
 
 
 class Trainer:
-    """Holds the objects of one run; `run()` is the loop. Built by `train()`."""
+    """Holds the objects of one run and takes its steps; loop.train runs them, saves and resumes."""
 
     def __init__(self, cfg: Config, run: RunDir | None, log: Log, on_step: OnStep = lambda s, m: None,
                  model_path: str | None = None, resume: bool = False):
@@ -112,7 +113,7 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False  # generate passes use_cache itself
-        # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (plan.py counts on it).
+        # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (memory.py counts on it).
         fused = self.accelerator.device.type == "cuda"
         if fused:
             model.to(self.accelerator.device)
@@ -200,20 +201,6 @@ class Trainer:
             self._micro_splits[key] = list(rows.split(size))
         return self._micro_splits[key]
 
-    def _global_max(self, value: float) -> float:
-        """Maximum of a number over all processes (itself on one process)."""
-        if self.accelerator.num_processes == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.gather(t).max())
-
-    def _global_sum(self, value: float) -> float:
-        """Sum of a number over all processes (itself on one process)."""
-        if self.accelerator.num_processes == 1:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, "sum"))
-
     def batch_stats(self, roll: Rollout, minibatches: list[torch.Tensor],
                     account: bool = False) -> tuple[BatchStats, StepAccount | None]:
         """Old log-probs and entropy statistics, one forward per micro-batch, before any update.
@@ -227,7 +214,7 @@ class Trainer:
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
         B = ids.shape[0]
         n_proc = self.accelerator.num_processes
-        n_valid = max(self._global_sum(mask.sum()), 1.0)
+        n_valid = max(parallel.global_sum(self.accelerator, mask.sum()), 1.0)
         out = {k: torch.empty(B, T, device=ids.device) for k in ("logp", "entropy", "disc", "baseline", "ref")}
         old_logits = None
         keep_logits = None  # decided on the first logits: their width is the model's vocabulary
@@ -250,7 +237,7 @@ class Trainer:
                 h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
                 self.accelerator.backward(h_part, retain_graph=i == 0 and reuse)
                 if keep_logits is None:  # the same decision on every process (their T differ)
-                    keep_logits = self._global_max(B * T * logits.shape[-1]) <= ACCOUNT_LOGITS_MAX
+                    keep_logits = parallel.global_max(self.accelerator, B * T * logits.shape[-1]) <= ACCOUNT_LOGITS_MAX
                 if keep_logits:
                     if old_logits is None:
                         old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
@@ -269,7 +256,7 @@ class Trainer:
         params = list(self.model.parameters())
         grad_h = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         self.opt.zero_grad(set_to_none=True)
-        h_sum = self._global_sum(float((stats.entropy * mask).sum()))
+        h_sum = parallel.global_sum(self.accelerator, float((stats.entropy * mask).sum()))
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
                            logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid, shape=(B, T))
         return stats, acct
@@ -289,8 +276,8 @@ class Trainer:
             h_sum += float((ent * mask[s:s + size]).sum())
             if keep_logits:
                 parts.append(logits)
-        n_valid = max(self._global_sum(mask.sum()), 1.0)
-        return (torch.cat(parts) if keep_logits else None), self._global_sum(h_sum) / n_valid
+        n_valid = max(parallel.global_sum(self.accelerator, mask.sum()), 1.0)
+        return (torch.cat(parts) if keep_logits else None), parallel.global_sum(self.accelerator, h_sum) / n_valid
 
     def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
                loss_mask: torch.Tensor, epochs: list[list[torch.Tensor]],
@@ -313,7 +300,7 @@ class Trainer:
             for rows in minibatches:
                 # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
                 local = float(loss_mask[rows].sum()) if cfg.loss_agg == "token-mean" else float(len(rows))
-                denom = max(self._global_sum(local), 1.0)
+                denom = max(parallel.global_sum(self.accelerator, local), 1.0)
                 micro = self._micro(rows)
                 row: dict[str, float] = {}
                 n_tok = n_kept = 0  # valid tokens (kl/ref) and tokens in the loss (the fractions)
@@ -366,7 +353,7 @@ class Trainer:
                 row = {k: v if k.endswith(("_min", "_max")) else v / max(n_kept, 1) for k, v in row.items()}
                 row.update({"loss/total": loss_sum * n_proc, "loss/policy": policy_sum * n_proc,
                             "kl/ref": kl_sum / max(n_tok, 1), "grad/norm": float(grad_norm)})
-                row = self._reduce_update(row, n_tok, n_kept)
+                row = parallel.reduce_update(self.accelerator, row, n_tok, n_kept)
                 if not (math.isfinite(row["loss/total"]) and math.isfinite(float(grad_norm))):
                     # Skip the update (parameters and optimizer state untouched), count it.
                     self.opt.zero_grad(set_to_none=True)
@@ -390,30 +377,6 @@ class Trainer:
         out["train/skipped_updates"] = skipped
         out["train/nonfinite_total"] = self.nonfinite_total
         out["lr"] = self.sched.get_last_lr()[0]
-        return out
-
-    def _reduce_update(self, row: dict[str, float], n_tok: int, n_kept: int) -> dict[str, float]:
-        """One update's metrics over all processes: loss parts add up (each is its share of the
-        global aggregate, scaled by N for DDP's mean: so the mean), kl/ref weighs by each process's
-        valid tokens and the token fractions by its tokens in the loss, *_min / *_max reduce as such;
-        the gradient norm is global already."""
-        if self.accelerator.num_processes == 1:
-            return row
-        from accelerate.utils import gather_object
-
-        every = gather_object([(row, n_tok, n_kept)])
-        out = {}
-        for k in row:
-            values = [r[k] for r, _, _ in every]
-            if k.endswith("_min"):
-                out[k] = min(values)
-            elif k.endswith("_max"):
-                out[k] = max(values)
-            elif k.startswith(("loss/", "grad/")):
-                out[k] = sum(values) / len(values)
-            else:
-                weights = [n if k == "kl/ref" else kept for _, n, kept in every]
-                out[k] = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1)
         return out
 
     def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[torch.Tensor]]:
@@ -447,8 +410,11 @@ class Trainer:
         keep, filt = objective.batch_filter(cfg, self.accelerator, stats, adv_tok, mask, gen)
         # A filtered token leaves the loss entirely: its term and its share of the normalizer.
         loss_mask = mask * keep
-        if cfg.log_filter:
-            self._log_filter(step, roll, keep, mask)
+        if cfg.log_filter:  # every sequence of the step, its tokens and dropped positions
+            rows = parallel.filter_rows(self.accelerator, step, roll.completion_ids, keep, mask, self.row_ids)
+            if self.accelerator.is_main_process and self.run_dir is not None:
+                for row in rows:
+                    self.run_dir.append("filter.jsonl", row)
         upd = self.update(step, roll, stats, adv_tok, loss_mask, epochs, account)
         self.sampler.sync_weights(self.policy)
         acct: dict[str, float] = {}
@@ -457,11 +423,12 @@ class Trainer:
             new_logits, h_new = self.entropy_after(roll, keep_logits=account.logits is not None)
             acct = account.finish(new_logits, h_new, [p.detach() for p in self.model.parameters()],
                                   stats, adv_tok, mask, cfg.temperature)
-            acct = self._reduce_account(acct, int(mask.sum()))
+            acct = parallel.reduce_account(self.accelerator, acct, int(mask.sum()))
             self.accounting_s += time.perf_counter() - t_acc
             acct["perf/stats_pass_s"] = t_stats
             acct["perf/accounting_s"] = self.accounting_s
-        rollout_metrics = self._rollout_metrics(rewards, correct, stats, mask)
+        rollout_metrics = parallel.rollout_metrics(self.accelerator, cfg.group_size, rewards, correct, stats, mask,
+                                                   self.reward_metrics)
         if cfg.entropy_target is not None:  # adaptive bonus: move toward the target entropy
             self.entropy_coef = baselines.adapt_entropy_coef(self.entropy_coef, rollout_metrics["entropy/mean"],
                                                              cfg.entropy_target, cfg.entropy_coef_delta, 0.0,
@@ -469,7 +436,7 @@ class Trainer:
         if self.entropy_coef > 0 or cfg.entropy_target is not None:
             acct["entropy/bonus_coef"] = self.entropy_coef
         elapsed = time.perf_counter() - t0
-        n_tokens = self._global_sum(roll.n_tokens)
+        n_tokens = parallel.global_sum(self.accelerator, roll.n_tokens)
         metrics = {"step": step, **rollout_metrics, **filt, **upd, **acct,
                    "perf/rollout_s": t_roll, "perf/update_s": elapsed - t_roll, "perf/step_s": elapsed,
                    "perf/tokens_per_s": n_tokens / max(elapsed, 1e-9)}
@@ -481,64 +448,7 @@ class Trainer:
                     "reward": float(rewards[i]), "advantage": float(adv[i])})
         return metrics
 
-    def _log_filter(self, step: int, roll: Rollout, keep: torch.Tensor, mask: torch.Tensor) -> None:
-        """filter.jsonl: every sequence of the step (all processes), its tokens and dropped positions."""
-        from accelerate.utils import gather_object
-
-        rows = []
-        for b, (problem, sample) in enumerate(self.row_ids):
-            n = int(mask[b].sum())
-            dropped = (~keep[b, :n].bool()).nonzero().flatten().tolist()
-            rows.append({"step": step, "problem": problem, "sample": sample,
-                         "tokens": roll.completion_ids[b, :n].tolist(), "dropped": dropped})
-        if self.accelerator.num_processes > 1:
-            rows = gather_object(rows)
-        if self.accelerator.is_main_process and self.run_dir is not None:
-            for row in sorted(rows, key=lambda r: (r["problem"], r["sample"])):
-                self.run_dir.append("filter.jsonl", row)
-
-    def _rollout_metrics(self, rewards: torch.Tensor, correct: list[bool], stats: BatchStats,
-                         mask: torch.Tensor) -> dict[str, float]:
-        """The rollout batch's figures over all processes' rows."""
-        from entclip.objective import _gather_rows
-
-        acc = self.accelerator
-        dev = acc.device
-        g = lambda t: _gather_rows(acc, t.to(dev))  # noqa: E731
-        gstats = BatchStats(g(stats.old_logp), g(stats.entropy), g(stats.disc), g(stats.baseline), None)
-        out = _rollout_metrics(self.cfg, acc.gather(rewards.to(dev)).cpu(),
-                               [bool(c) for c in acc.gather(torch.tensor([int(c) for c in correct], device=dev)).tolist()],
-                               gstats, g(mask))
-        rm = self.reward_metrics
-        if acc.num_processes > 1 and rm:
-            from accelerate.utils import gather_object
-
-            every = gather_object([rm])
-            rm = {k: (sum(r[k] for r in every) if k in ("reward/errors", "reward/timeouts")
-                      else sum(r[k] for r in every) / len(every)) for k in rm}
-        return {**out, **rm}
-
-    def _reduce_account(self, acct: dict[str, float], n_local: int) -> dict[str, float]:
-        """Accounting figures over all processes: per-token sums (already divided by the global
-        token count) add up, quadrant shares weigh by valid tokens, the rest is global already."""
-        if self.accelerator.num_processes == 1:
-            return acct
-        from accelerate.utils import gather_object
-
-        every = gather_object([(acct, n_local)])
-        total = max(sum(n for _, n in every), 1)
-        summed = ("entropy/pred_logit", "entropy/pred_logit_drive", "entropy/pred_dz")
-        out = {}
-        for k in acct:
-            if k in summed or (k.startswith("quad/") and k.endswith("_pred")):
-                out[k] = sum(a[k] for a, _ in every)
-            elif k.endswith("_share"):
-                out[k] = sum(a[k] * n for a, n in every) / total
-            else:
-                out[k] = sum(a[k] for a, _ in every) / len(every)
-        return out
-
-    # ---- evaluation and checkpoints ----------------------------------------------------------
+    # ---- evaluation --------------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:
         """Every eval set: greedy accuracy, avg@k, pass@k; problems split over the processes.
 
@@ -567,32 +477,6 @@ class Trainer:
             self.run_dir.append("eval.jsonl", row)
         return row
 
-    def save(self, step: int, wall_s: float) -> Path:
-        """A complete checkpoint: weights, tokenizer and everything an exact resume needs."""
-        final = self.run_dir.checkpoint_dir(step)
-        if self.accelerator.is_main_process:
-            state = {"format": 1, "step": step, "wall_s": wall_s, "optimizer": self.opt.state_dict(),
-                     "scheduler": self.sched.state_dict(), "rng": _rng_state(),
-                     "nonfinite_total": self.nonfinite_total, "warm_start": self.warm_start,
-                     "entropy_coef": self.entropy_coef}
-            save_checkpoint(final, self.policy, self.tokenizer, state, self.cfg.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
-        return final
-
-    def restore(self, ckpt: Path) -> dict[str, Any]:
-        """Optimizer, scheduler, RNG and counters from a checkpoint (weights were loaded already).
-
-        The data position needs no state: each step's prompts and samples derive from (seed, step).
-        """
-        state = load_trainer_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.nonfinite_total = state["nonfinite_total"]
-        self.entropy_coef = state["entropy_coef"]
-        self.warm_start = state["warm_start"]
-        return state
-
 
 def _disable_dropout(model) -> None:
     """No dropout in RL: old and new log-probs must come from the same function (as TRL does)."""
@@ -611,29 +495,6 @@ class NonFiniteStop(Exception):
         self.step = step
 
 
-def _rng_state() -> dict[str, Any]:
-    """Every RNG a user's code might draw from; stored in weights_only-loadable types."""
-    import numpy as np
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _lr_factor(cfg: Config, i: int, total: int) -> float:
     if i < cfg.lr_warmup_steps:
         return (i + 1) / cfg.lr_warmup_steps
@@ -645,117 +506,11 @@ def _lr_factor(cfg: Config, i: int, total: int) -> float:
     return 1.0
 
 
-def _rollout_metrics(cfg: Config, rewards: torch.Tensor, correct: list[bool], stats: BatchStats,
-                     mask: torch.Tensor) -> dict[str, float]:
-    valid = mask.bool()
-    dev = (stats.disc - stats.baseline)[valid]
-    groups = rewards.view(-1, cfg.group_size)
-    lengths = mask.sum(dim=1).float()
-    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            "reward/accuracy": sum(correct) / len(correct),
-            "reward/zero_var_frac": float((groups.std(dim=1) < 1e-8).float().mean()),
-            "entropy/mean": float(stats.entropy[valid].mean()),
-            "disc/mean": float(stats.disc[valid].mean()), "disc/std": float(stats.disc[valid].std(correction=0)),
-            "disc/baseline_mean": float(stats.baseline[valid].mean()),
-            "disc/dev_mean": float(dev.mean()), "disc/dev_std": float(dev.std(correction=0)),
-            "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
+def __getattr__(name: str):
+    """`from entclip.engine import train` keeps working: train lives in loop.py, which imports this
+    module, so it is looked up on first use rather than imported here."""
+    if name == "train":
+        from entclip.loop import train
 
-
-def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None,
-          resume_from: Path | None = None) -> dict[str, Any]:
-    """Run GRPO per `cfg` into `run` (or continue it from checkpoint `resume_from`); return the summary.
-
-    Ctrl-C stops after the current step with a checkpoint (EntclipError, exit 130); too many
-    non-finite updates in a row stop with a checkpoint of the last good parameters (exit 1).
-    """
-    import signal
-
-    trainer = Trainer(cfg, run, log, on_step, model_path=str(resume_from) if resume_from else None,
-                      resume=resume_from is not None)
-    t_start, wall_before, start = time.perf_counter(), 0.0, 1
-    if resume_from is not None:
-        state = trainer.restore(resume_from)
-        start, wall_before = state["step"] + 1, state["wall_s"]
-        log(f"resuming {run.path} after step {state['step']}")
-    else:
-        trainer.evaluate(0)
-    elapsed = lambda: wall_before + time.perf_counter() - t_start  # noqa: E731
-
-    def request_stop(signum, frame):
-        if trainer.stop_requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
-        log("Ctrl-C: stopping after this step (press again to abort at once)")
-
-    previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
-    step = start - 1
-    try:
-        for step in range(start, cfg.steps + 1):
-            metrics = trainer.step(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                trainer.evaluate(step)
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-                trainer.save(step, elapsed())
-            on_step(step, metrics)
-            if trainer.accelerator.num_processes > 1:  # every process stops after the same step
-                trainer.stop_requested = trainer._global_max(trainer.stop_requested) > 0
-            if trainer.stop_requested and step != cfg.steps:
-                ckpt = trainer.save(step, elapsed())
-                _finish(trainer, run, "interrupted", step, elapsed(), ckpt)
-                raise EntclipError(f"interrupted after step {step}; checkpoint {ckpt} written; continue with: "
-                                   f"entclip train --resume {run.path}", INTERRUPTED)
-    except NonFiniteStop as stop:
-        ckpt = trainer.save(stop.step - 1, elapsed()) if stop.step > 1 else None
-        _finish(trainer, run, "failed", stop.step - 1, elapsed(), ckpt)
-        raise EntclipError(f"stopped at step {stop.step}: {cfg.max_nonfinite} non-finite updates in a row "
-                           f"(loss or gradient); last good parameters in {ckpt or 'the warm start'}; "
-                           "lower lr or raise max_grad_norm clipping", FAILED) from None
-    except BaseException:
-        trainer.rewards.close()
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    try:
-        trainer.evaluate(cfg.steps)
-    finally:
-        trainer.rewards.close()  # the reward worker's last use
-    ckpt = trainer.save(cfg.steps, elapsed())
-    return _finish(trainer, run, "completed", cfg.steps, elapsed(), ckpt)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float,
-            ckpt: Path | None) -> dict[str, Any]:
-    """summary.json from the run directory's own files, so a resumed run summarizes all its steps."""
-    import accelerate
-    import transformers
-
-    from entclip import __version__
-    from entclip.rundir import load_run
-
-    run.close()
-    loaded = load_run(run.path)
-    rows, evals = loaded.metrics, loaded.evals
-    entropies = [r["entropy/mean"] for r in rows if r.get("entropy/mean") is not None]
-    keys = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
-            "disc/min_z_v", "train/nonfinite_total"]
-    last = rows[-1] if rows else {}
-    summary = {
-        "status": status, "steps": step, "steps_planned": trainer.cfg.steps, "wall_s": wall_s,
-        "method": trainer.cfg.entropy_control, "warm_start": trainer.warm_start,
-        "final": {k: last.get(k) for k in keys},
-        "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
-        "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
-        "checkpoint": str(ckpt.relative_to(run.path)) if ckpt else None,
-        "versions": {"entclip": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
-    }
-    if trainer.accelerator.is_main_process:
-        run.write_summary(summary)
-    return summary
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

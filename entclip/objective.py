@@ -17,22 +17,15 @@ import torch
 
 from entclip import baselines, losses, theory
 from entclip.config import Config
+from entclip.parallel import gather_rows
 
 FILTERS = ("clip_b", "clip_v", "sign", "high_entropy", "clip_cov")
-
-
-def _gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
-    """(B, T) per process -> (N*B, T) for the whole batch; identity on one process."""
-    if accelerator.num_processes == 1:
-        return x
-    x = accelerator.pad_across_processes(x, dim=1, pad_index=0)
-    return accelerator.gather(x)
 
 
 def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """Keep-mask (B, T) of the configured filter over the whole training batch, and its stats."""
-    g = lambda t: _gather_rows(accelerator, t)  # noqa: E731
+    g = lambda t: gather_rows(accelerator, t)  # noqa: E731
     disc, base, adv, gmask = g(stats.disc), g(stats.baseline), g(adv_tok), g(mask)
     z_b = losses.clip_b_z(disc, gmask)
     z_v = losses.clip_v_z(disc, base, gmask)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from entclip import plan
+from entclip import memory, plan
 from entclip.config import Config
 from entclip.errors import NOT_FOUND, EntclipError
 
@@ -30,7 +30,7 @@ def make_cfg(**overrides) -> Config:
     return Config(**{**base, **overrides})
 
 
-def row(est: plan.MemoryEstimate, prefix: str, sharded: bool = False) -> float:
+def row(est: memory.MemoryEstimate, prefix: str, sharded: bool = False) -> float:
     rows = est.sharded_rows if sharded else est.rows
     return next(gib for label, gib in rows if label.startswith(prefix))
 
@@ -91,9 +91,9 @@ def problem(check, *args, **kwargs) -> EntclipError:
 def test_params_equal_the_real_models_parameter_count(model_dir):
     real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
     cfg = make_cfg(model=str(model_dir))
-    assert plan.memory_estimate(cfg, plan.model_config(cfg)).params == real
+    assert memory.memory_estimate(cfg, plan.model_config(cfg)).params == real
     tied = small_config()
-    assert plan.memory_estimate(cfg, tied).params == sum(
+    assert memory.memory_estimate(cfg, tied).params == sum(
         p.numel() for p in AutoModelForCausalLM.from_config(tied).parameters())
 
 
@@ -239,9 +239,9 @@ def test_activation_formula_matches_what_autograd_saves(precision):
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     cfg = make_cfg(precision=precision)
-    est = plan.memory_estimate(cfg, config)
+    est = memory.memory_estimate(cfg, config)
     expected = row(est, "activations") + (row(est, "bf16 weight casts kept") if precision == "bf16-mixed" else 0)
-    measured = saved_bytes(model, cfg, autocast=precision == "bf16-mixed") / plan.GIB
+    measured = saved_bytes(model, cfg, autocast=precision == "bf16-mixed") / memory.GIB
     assert measured == pytest.approx(expected, rel=0.02)
 
 
@@ -290,12 +290,12 @@ def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
     finally:
         trainer.rewards.close()
     events = list(prof.profiler.kineto_results.events())
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     peaks = {}
     for e in events:
         if e.name() in phases.values():
             level, peak = 0, 0
-            for t, nbytes in memory:
+            for t, nbytes in allocations:
                 level += nbytes
                 if e.start_ns() <= t <= e.end_ns():
                     peak = max(peak, level)
@@ -315,15 +315,15 @@ def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
 ])
 def test_each_phase_matches_a_profiled_trainer_step(logits_heavy_model, precision, settings):
     cfg, measured = profiled_step(logits_heavy_model, precision=precision, **settings)
-    est = plan.memory_estimate(cfg, plan.model_config(cfg))
+    est = memory.memory_estimate(cfg, plan.model_config(cfg))
     assert set(measured) == {"stats pass", "update"} | ({"accounting"} if cfg.entropy_accounting else set())
     for phase, nbytes in measured.items():
-        assert est.phases[phase] * plan.GIB == pytest.approx(nbytes, rel=0.02), phase
+        assert est.phases[phase] * memory.GIB == pytest.approx(nbytes, rel=0.02), phase
 
 
 def test_doubling_the_micro_batch_doubles_activations_and_logits():
     config = small_config()
-    one, two = (plan.memory_estimate(make_cfg(micro_batch_size=b), config) for b in (2, 4))
+    one, two = (memory.memory_estimate(make_cfg(micro_batch_size=b), config) for b in (2, 4))
     for prefix in ("activations", "logits", "their gradients in the update"):
         assert row(two, prefix) == pytest.approx(2 * row(one, prefix))
     assert row(two, "weights") == row(one, "weights")
@@ -336,17 +336,17 @@ def test_logits_and_their_gradients_stay_in_the_compute_dtype(precision):
     # chunk buffers (CPU budget 2**21 floats), which together exceed the slice's gradient.
     V, e = 200_000, 4 if precision == "fp32" else 2
     config = small_config(vocab_size=V)
-    plain, bonus = (plan.memory_estimate(make_cfg(precision=precision, device="cpu", entropy_coef=c), config)
+    plain, bonus = (memory.memory_estimate(make_cfg(precision=precision, device="cpu", entropy_coef=c), config)
                     for c in (0.0, 0.01))
     chunk = 2 * 4 * V * 5
-    assert row(plain, "logits") * plan.GIB == 2 * 17 * V * e
-    assert row(plain, "their gradients in the update") * plan.GIB == 2 * 16 * V * e + 2 * 17 * V * e
-    assert row(bonus, "their gradients in the update") * plan.GIB == 2 * (2 * 16 * V * e) + chunk
+    assert row(plain, "logits") * memory.GIB == 2 * 17 * V * e
+    assert row(plain, "their gradients in the update") * memory.GIB == 2 * 16 * V * e + 2 * 17 * V * e
+    assert row(bonus, "their gradients in the update") * memory.GIB == 2 * (2 * 16 * V * e) + chunk
 
 
 def test_gradient_checkpointing_lowers_activations_only():
     config = small_config(num_hidden_layers=8)
-    plain, ckpt = (plan.memory_estimate(make_cfg(gradient_checkpointing=g), config) for g in (False, True))
+    plain, ckpt = (memory.memory_estimate(make_cfg(gradient_checkpointing=g), config) for g in (False, True))
     assert row(ckpt, "activations") < row(plain, "activations") / 3
     assert row(ckpt, "logits") == row(plain, "logits") and ckpt.total_gib < plain.total_gib
 
@@ -354,7 +354,7 @@ def test_gradient_checkpointing_lowers_activations_only():
 def test_sharding_divides_weights_and_lowers_the_peak():
     config = small_config(hidden_size=256, intermediate_size=704, num_hidden_layers=8, vocab_size=1000)
     cfg = make_cfg(precision="bf16-mixed", prompts_per_step=8)
-    single, eight = plan.memory_estimate(cfg, config, 1), plan.memory_estimate(cfg, config, 8)
+    single, eight = memory.memory_estimate(cfg, config, 1), memory.memory_estimate(cfg, config, 8)
     assert single.sharded_total_gib == single.total_gib and eight.total_gib == single.total_gib
     assert eight.sharded_total_gib < eight.total_gib
     assert row(eight, "AdamW", sharded=True) == pytest.approx(row(eight, "AdamW") / 8)
@@ -363,7 +363,7 @@ def test_sharding_divides_weights_and_lowers_the_peak():
 
 def test_bf16_weights_take_half_the_bytes_of_fp32():
     config = small_config()
-    fp32, mixed, bf16 = (plan.memory_estimate(make_cfg(precision=p), config)
+    fp32, mixed, bf16 = (memory.memory_estimate(make_cfg(precision=p), config)
                          for p in ("fp32", "bf16-mixed", "bf16"))
     assert row(bf16, "weights") == pytest.approx(row(fp32, "weights") / 2)
     assert row(bf16, "AdamW") == pytest.approx(row(fp32, "AdamW") / 2)  # torch AdamW: moments in param dtype
@@ -373,11 +373,11 @@ def test_bf16_weights_take_half_the_bytes_of_fp32():
 
 def test_kl_penalty_adds_a_reference_model_in_bf16_unless_fp32():
     config = small_config()
-    est = plan.memory_estimate(make_cfg(kl_coef=0.05), config)
+    est = memory.memory_estimate(make_cfg(kl_coef=0.05), config)
     assert row(est, "reference model") == row(est, "weights")
-    mixed = plan.memory_estimate(make_cfg(kl_coef=0.05, precision="bf16-mixed"), config)
+    mixed = memory.memory_estimate(make_cfg(kl_coef=0.05, precision="bf16-mixed"), config)
     assert row(mixed, "reference model") == pytest.approx(row(mixed, "weights") / 2)  # engine: ref in bf16
-    assert not any(label.startswith("reference") for label, _ in plan.memory_estimate(make_cfg(), config).rows)
+    assert not any(label.startswith("reference") for label, _ in memory.memory_estimate(make_cfg(), config).rows)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
@@ -393,7 +393,7 @@ def test_kv_cache_formula_matches_the_cache_a_forward_builds(precision):
     with torch.no_grad(), ctx:
         cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
     measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    assert row(plan.memory_estimate(cfg, config), "KV cache") * plan.GIB == measured
+    assert row(memory.memory_estimate(cfg, config), "KV cache") * memory.GIB == measured
 
 
 def test_resolve_precision_auto_follows_the_gpu(monkeypatch):
@@ -406,8 +406,8 @@ def test_resolve_precision_auto_follows_the_gpu(monkeypatch):
 
 
 def test_render_shows_both_columns_and_the_peaks():
-    est = plan.memory_estimate(make_cfg(precision="bf16-mixed", prompts_per_step=8), small_config(), 4)
-    lines = plan.render_memory(est)
+    est = memory.memory_estimate(make_cfg(precision="bf16-mixed", prompts_per_step=8), small_config(), 4)
+    lines = memory.render_memory(est)
     assert "4 GPUs" in lines[1] and "4 GPUs, if sharded" in lines[1]
     peak = next(line for line in lines if line.strip().startswith("peak")).split()
     assert peak[1:] == [f"{est.total_gib:.1f}", f"{est.dp_total_gib:.1f}", f"{est.sharded_total_gib:.1f}"]

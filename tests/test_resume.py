@@ -142,7 +142,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from entclip.engine import _rng_state, _set_rng_state
+    from entclip.loop import _rng_state, _set_rng_state
 
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     torch.save(_rng_state(), tmp_path / "s.pt")

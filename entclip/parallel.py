@@ -1,0 +1,149 @@
+"""Figures over all processes: every cross-process reduction of a training step, as plain functions.
+
+Each function takes the accelerator and is a collective: every process calls it at the same point
+with its own values and gets the same answer; on one process it returns its own figures without
+communicating. Reductions are chosen per key so that N processes report what one process would on
+the whole batch:
+- `global_sum`, `global_max`: one number.
+- `gather_rows`: a (B, T) tensor per process -> the whole batch's (N*B, T).
+- `reduce_update`: one optimizer update's metrics (loss parts, kl/ref, token fractions, *_min/*_max).
+- `reduce_account`: the entropy accounting's figures (summed predictions, token-weighted shares).
+- `rollout_metrics`: the rollout batch's figures (reward/*, entropy/mean, disc/*, length/*) from the
+  gathered rows; `batch_figures` is its pure part.
+- `filter_rows`: the filter log's rows of every process (the engine writes them).
+Nothing here writes to the run directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def global_sum(accelerator, value: float) -> float:
+    """Sum of a number over all processes (itself on one process)."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.reduce(t, "sum"))
+
+
+def global_max(accelerator, value: float) -> float:
+    """Maximum of a number over all processes (itself on one process)."""
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
+    return float(accelerator.gather(t).max())
+
+
+def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) per process -> (N*B, T) for the whole batch; identity on one process."""
+    if accelerator.num_processes == 1:
+        return x
+    x = accelerator.pad_across_processes(x, dim=1, pad_index=0)
+    return accelerator.gather(x)
+
+
+def reduce_update(accelerator, row: dict[str, float], n_tok: int, n_kept: int) -> dict[str, float]:
+    """One update's metrics over all processes: loss parts add up (each is its share of the
+    global aggregate, scaled by N for DDP's mean: so the mean), kl/ref weighs by each process's
+    valid tokens and the token fractions by its tokens in the loss, *_min / *_max reduce as such;
+    the gradient norm is global already."""
+    if accelerator.num_processes == 1:
+        return row
+    from accelerate.utils import gather_object
+
+    every = gather_object([(row, n_tok, n_kept)])
+    out = {}
+    for k in row:
+        values = [r[k] for r, _, _ in every]
+        if k.endswith("_min"):
+            out[k] = min(values)
+        elif k.endswith("_max"):
+            out[k] = max(values)
+        elif k.startswith(("loss/", "grad/")):
+            out[k] = sum(values) / len(values)
+        else:
+            weights = [n if k == "kl/ref" else kept for _, n, kept in every]
+            out[k] = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1)
+    return out
+
+
+def reduce_account(accelerator, acct: dict[str, float], n_local: int) -> dict[str, float]:
+    """Accounting figures over all processes: per-token sums (already divided by the global
+    token count) add up, quadrant shares weigh by valid tokens, the rest is global already."""
+    if accelerator.num_processes == 1:
+        return acct
+    from accelerate.utils import gather_object
+
+    every = gather_object([(acct, n_local)])
+    total = max(sum(n for _, n in every), 1)
+    summed = ("entropy/pred_logit", "entropy/pred_logit_drive", "entropy/pred_dz")
+    out = {}
+    for k in acct:
+        if k in summed or (k.startswith("quad/") and k.endswith("_pred")):
+            out[k] = sum(a[k] for a, _ in every)
+        elif k.endswith("_share"):
+            out[k] = sum(a[k] * n for a, n in every) / total
+        else:
+            out[k] = sum(a[k] for a, _ in every) / len(every)
+    return out
+
+
+def rollout_metrics(accelerator, group_size: int, rewards: torch.Tensor, correct: list[bool], stats,
+                    mask: torch.Tensor, reward_metrics: dict[str, float]) -> dict[str, float]:
+    """The rollout batch's figures over all processes' rows, and the reward functions' own metrics
+    (reward/errors and reward/timeouts summed over processes, the rest averaged).
+
+    `stats` is the engine's BatchStats (B, T) per process; rewards (B,), correct B flags, mask (B, T).
+    """
+    dev = accelerator.device
+    g = lambda t: gather_rows(accelerator, t.to(dev))  # noqa: E731
+    entropy, disc, baseline = g(stats.entropy), g(stats.disc), g(stats.baseline)
+    out = batch_figures(group_size, accelerator.gather(rewards.to(dev)).cpu(),
+                        [bool(c) for c in accelerator.gather(
+                            torch.tensor([int(c) for c in correct], device=dev)).tolist()],
+                        entropy, disc, baseline, g(mask))
+    rm = reward_metrics
+    if accelerator.num_processes > 1 and rm:
+        from accelerate.utils import gather_object
+
+        every = gather_object([rm])
+        rm = {k: (sum(r[k] for r in every) if k in ("reward/errors", "reward/timeouts")
+                  else sum(r[k] for r in every) / len(every)) for k in rm}
+    return {**out, **rm}
+
+
+def batch_figures(group_size: int, rewards: torch.Tensor, correct: list[bool], entropy: torch.Tensor,
+                  disc: torch.Tensor, baseline: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """reward/*, entropy/mean, disc/*, length/* of a whole batch: rewards (B,), the rest (B, T)."""
+    valid = mask.bool()
+    dev = (disc - baseline)[valid]
+    groups = rewards.view(-1, group_size)
+    lengths = mask.sum(dim=1).float()
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            "reward/accuracy": sum(correct) / len(correct),
+            "reward/zero_var_frac": float((groups.std(dim=1) < 1e-8).float().mean()),
+            "entropy/mean": float(entropy[valid].mean()),
+            "disc/mean": float(disc[valid].mean()), "disc/std": float(disc[valid].std(correction=0)),
+            "disc/baseline_mean": float(baseline[valid].mean()),
+            "disc/dev_mean": float(dev.mean()), "disc/dev_std": float(dev.std(correction=0)),
+            "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
+
+
+def filter_rows(accelerator, step: int, completion_ids: torch.Tensor, keep: torch.Tensor,
+                mask: torch.Tensor, row_ids: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """filter.jsonl's rows: every sequence of the step (all processes), its tokens and dropped
+    positions, ordered by (problem, sample). completion_ids, keep, mask (B, T); row_ids B pairs."""
+    from accelerate.utils import gather_object
+
+    rows = []
+    for b, (problem, sample) in enumerate(row_ids):
+        n = int(mask[b].sum())
+        dropped = (~keep[b, :n].bool()).nonzero().flatten().tolist()
+        rows.append({"step": step, "problem": problem, "sample": sample,
+                     "tokens": completion_ids[b, :n].tolist(), "dropped": dropped})
+    if accelerator.num_processes > 1:
+        rows = gather_object(rows)
+    return sorted(rows, key=lambda r: (r["problem"], r["sample"]))
