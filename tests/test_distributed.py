@@ -85,3 +85,42 @@ def test_checkpoints_and_summary_are_written_once(runs):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert len(_rows(two / "eval.jsonl")) == 2  # before and after, each once
+
+
+def test_a_run_killed_on_one_process_resumes_on_two(tmp_path):
+    """SIGKILL a 1-process run after a checkpoint, resume it with `accelerate launch` on 2 processes:
+    the rows after the checkpoint match an uninterrupted 1-process run's (minibatches=1)."""
+    import signal
+    import time
+
+    sets = [s for s in SETS if not s.startswith(("steps=", "log_filter="))] + ["steps=3", "save_every=1",
+                                                                                "keep_checkpoints=0"]
+    cfg = resolve(sets=[*sets, f"out_dir={tmp_path}", "name=whole"])
+    run = RunDir.create(tmp_path / "whole")
+    run.write_config(cfg.to_yaml())
+    train(cfg, run, log=lambda s: None)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "entclip", "train", "-q", "--out-dir", str(tmp_path),
+                             "--name", "killed", *[a for s in sets for a in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "checkpoints" / "step_000001" / "trainer_state.pt").exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.communicate(timeout=60)
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                          str(_free_port()), "-m", "entclip", "train", "-q", "--resume", str(killed)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    whole, resumed = _rows(tmp_path / "whole" / "metrics.jsonl"), _rows(killed / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(whole, resumed):
+        for k in a:
+            if not k.startswith("perf/"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
