@@ -130,8 +130,8 @@ class Trainer:
         self.entropy_coef = cfg.entropy_coef  # adapted per step when entropy_target is set
         self._first = None  # (rows, logits with graph) of the stats pass's first micro-batch
         self.reward_metrics: dict[str, float] = {}
+        self._reward_error_logged = False
         self.row_ids: list[tuple[int, int]] = []
-        self._micro_splits: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda i: _lr_factor(cfg, i, total))
 
     def _load_task(self) -> None:
@@ -189,19 +189,12 @@ class Trainer:
         answers = [p.answer for p in problems for _ in range(cfg.group_size)]
         scored = self.rewards.score(roll.completions, answers, roll.prompts)
         self.reward_metrics = scored.metrics()
+        if scored.first_error and not self._reward_error_logged:  # counted every step, shown once
+            self._reward_error_logged = True
+            self.log(f"a reward call failed and scored 0 (reward/errors counts them): {scored.first_error}")
         return roll, torch.tensor(scored.total, dtype=torch.float32), scored.correct
 
-    def _micro(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """A minibatch's rows in micro-batches of at most micro_batch_size sequences."""
-        size = self.cfg.micro_batch_size
-        if size is None or size >= len(rows):
-            return [rows]
-        key = (rows.data_ptr(), len(rows))  # the same split objects for the stats pass and the update
-        if key not in self._micro_splits:
-            self._micro_splits[key] = list(rows.split(size))
-        return self._micro_splits[key]
-
-    def batch_stats(self, roll: Rollout, minibatches: list[torch.Tensor],
+    def batch_stats(self, roll: Rollout, minibatches: list[list[torch.Tensor]],
                     account: bool = False) -> tuple[BatchStats, StepAccount | None]:
         """Old log-probs and entropy statistics, one forward per micro-batch, before any update.
 
@@ -222,7 +215,7 @@ class Trainer:
         # Reusing the first forward for the first update needs a second backward through the same
         # DDP forward when accounting: not allowed, so with N > 1 processes accounting forgoes it.
         reuse = not (account and n_proc > 1)
-        micro = [m for rows in minibatches for m in self._micro(rows)]
+        micro = [m for minibatch in minibatches for m in minibatch]
         # Training mode: activation checkpointing only works there (dropout is off, so the function
         # is the same as in eval mode), and the first forward's graph serves the first update.
         self.model.train()
@@ -272,6 +265,7 @@ class Trainer:
         for s in range(0, ids.shape[0], size):
             with self.autocast():
                 logits = completion_logits(self.model, ids[s:s + size], am[s:s + size], T)
+            # token_stats, as for Hbar before the step: "measured" is a difference of one computation
             ent = theory.token_stats(logits, roll.completion_ids[s:s + size], cfg.temperature).entropy
             h_sum += float((ent * mask[s:s + size]).sum())
             if keep_logits:
@@ -287,8 +281,6 @@ class Trainer:
         A minibatch is this process's rows of it on every process; its loss is aggregated over all
         of them (micro-batches and processes), so gradients equal one process's on the whole batch.
         """
-        from contextlib import nullcontext
-
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
         n_proc = self.accelerator.num_processes
@@ -297,11 +289,11 @@ class Trainer:
         self.model.train()
         bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
         for minibatches in epochs:
-            for rows in minibatches:
+            for micro in minibatches:
                 # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
-                local = float(loss_mask[rows].sum()) if cfg.loss_agg == "token-mean" else float(len(rows))
+                local = sum(float(loss_mask[m].sum()) if cfg.loss_agg == "token-mean" else float(len(m))
+                            for m in micro)
                 denom = max(parallel.global_sum(self.accelerator, local), 1.0)
-                micro = self._micro(rows)
                 row: dict[str, float] = {}
                 n_tok = n_kept = 0  # valid tokens (kl/ref) and tokens in the loss (the fractions)
                 loss_sum = policy_sum = kl_sum = 0.0
@@ -309,7 +301,7 @@ class Trainer:
                 for j, mrows in enumerate(micro):
                     # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
                     sync = j == len(micro) - 1 or n_proc == 1
-                    with nullcontext() if sync else self.accelerator.no_sync(self.model):
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model):
                         if self._first is not None and self._first[0] is mrows:
                             logits = self._first[1]  # the stats pass's forward, graph kept, same parameters
                         else:
@@ -379,15 +371,18 @@ class Trainer:
         out["lr"] = self.sched.get_last_lr()[0]
         return out
 
-    def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[torch.Tensor]]:
-        """Row indices of every minibatch of every epoch, shuffled per epoch from (seed, step).
+    def minibatch_plan(self, step: int, n_rows: int, device) -> list[list[list[torch.Tensor]]]:
+        """Row indices per epoch, minibatch and micro-batch, shuffled per epoch from (seed, step).
 
-        `n_rows` are this process's rows; each minibatch takes 1/minibatches of them, and the
-        same minibatch index on every process forms one update.
+        `n_rows` are this process's rows; each minibatch takes 1/minibatches of them (the same
+        minibatch index on every process forms one update) in micro-batches of at most
+        micro_batch_size rows. The first epoch's tensors are the stats pass's too, so its first
+        micro-batch forward is recognized and reused by the first update.
         """
         gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "minibatch", step))
         size = max(n_rows // self.cfg.minibatches, 1)
-        return [list(torch.randperm(n_rows, generator=gen).to(device).split(size))
+        micro = self.cfg.micro_batch_size or size
+        return [[list(rows.split(micro)) for rows in torch.randperm(n_rows, generator=gen).to(device).split(size)]
                 for _ in range(self.cfg.epochs)]
 
     def step(self, step: int) -> dict[str, float]:
@@ -403,7 +398,6 @@ class Trainer:
         self.accounting_s = 0.0
         t_stats = time.perf_counter()
         epochs = self.minibatch_plan(step, roll.completion_ids.shape[0], device)
-        self._micro_splits = {}
         stats, account = self.batch_stats(roll, epochs[0], account=account_now)
         t_stats = time.perf_counter() - t_stats
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", step))
@@ -461,7 +455,7 @@ class Trainer:
         cfg = self.cfg
         n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.policy.eval()
-        verify = lambda cs, ans, ps: self.rewards.score(cs, ans, ps).correct  # noqa: E731
+        verify = self.rewards.verify
         row: dict[str, float] = {"step": step}
         for name, problems in self.eval_sets.items():
             mine = list(range(rank, len(problems), n_proc))

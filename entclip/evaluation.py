@@ -8,7 +8,6 @@ from typing import Callable, Sequence
 import torch
 
 
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not 1 <= k <= n:
@@ -59,20 +58,3 @@ def summarize(greedy_ok: Sequence[int], counts: Sequence[int], k: int) -> dict[s
     for j in report_ks(k):
         out[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in counts) / n
     return out
-
-
-def evaluate(model, tokenizer, problems: Sequence, verify: Callable[[str, str], bool], k: int,
-             temperature: float, max_new_tokens: int, batch_prompts: int = 64) -> dict[str, float]:
-    """Greedy accuracy plus avg@k / pass@k (k samples per problem) on `problems`, one process.
-
-    Keys: greedy_acc, avg@k, pass@j for j in report_ks(k). Samples are seeded from torch's global
-    generator (torch.manual_seed makes the call repeatable).
-    """
-    from entclip.rollout import HFSampler
-
-    base = int(torch.randint(0, 2**62, (1,)))
-    greedy_ok, counts = eval_counts(
-        HFSampler(lambda: model, tokenizer), problems,
-        lambda cs, ans, ps: [verify(c, a) for c, a in zip(cs, ans)], k, temperature, max_new_tokens,
-        lambda i, j: (base + 1_000_003 * i + j) % 2**62, batch_prompts)
-    return summarize(greedy_ok, counts, k)

@@ -86,24 +86,21 @@ def _check_out_dir(out_dir: Path) -> None:
                            "another output folder)", EXISTS)
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write the model in `gguf_path` to `out_dir` as a float32 safetensors folder; return out_dir.
+def load_gguf(gguf_path: str | Path, dtype=None):
+    """(model, tokenizer) from a GGUF file, dequantized to plain `dtype` (float32) tensors.
 
-    The folder holds config.json, model.safetensors, generation_config.json and the tokenizer (chat
-    template included), with left padding, which generation needs. It appears all at once: written
-    into a temporary sibling and renamed, so an interrupted conversion leaves no half folder.
-    `out_dir` must not exist (or be empty). No remote code is executed.
+    The model comes back as an ordinary one: no quantizer attached, so save_pretrained writes plain
+    safetensors. The tokenizer pads on the left (generation appends on the right). No remote code.
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    _check_gguf_file(gguf_path)
-    _check_out_dir(out_dir)
-    _check_gguf_package()
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from entclip.models import quiet_libraries
 
+    gguf_path = Path(gguf_path)
+    _check_gguf_file(gguf_path)
+    _check_gguf_package()
+    dtype = dtype or torch.float32
     quiet_libraries()
     folder, name = str(gguf_path.resolve().parent), gguf_path.name
     try:
@@ -114,7 +111,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         # transformers draws its de-quantization bar with tqdm directly (not through its logging
         # switch): send it nowhere; errors still arrive as exceptions.
         with contextlib.redirect_stderr(io.StringIO()):
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
                                                          quantization_config=GgufConfig(dequantize=True),
                                                          trust_remote_code=False)
     except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error, RuntimeError,
@@ -127,7 +124,22 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.dtype = torch.float32
+    model.config.dtype = dtype
+    return model, tokenizer
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the model in `gguf_path` to `out_dir` as a float32 safetensors folder; return out_dir.
+
+    The folder holds config.json, model.safetensors, generation_config.json and the tokenizer (chat
+    template included), with left padding, which generation needs. It appears all at once: written
+    into a temporary sibling and renamed, so an interrupted conversion leaves no half folder.
+    `out_dir` must not exist (or be empty). No remote code is executed.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    _check_gguf_file(gguf_path)
+    _check_out_dir(out_dir)
+    model, tokenizer = load_gguf(gguf_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -6,8 +6,6 @@ No remote code is ever executed (trust_remote_code=False); weights are safetenso
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from pathlib import Path
 from typing import Callable
@@ -75,10 +73,11 @@ def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = Fa
     kw: dict = {"trust_remote_code": trust_remote_code}
     source, where = str(path), Path(str(path)).expanduser()
     if source.endswith(".gguf"):
-        if not where.is_file():
-            raise EntclipError(f"GGUF file {source} not found; check the path", NOT_FOUND)
-        source, kw["gguf_file"] = str(where.parent), where.name
-    elif where.exists():
+        from entclip.gguf import load_gguf
+
+        model, tokenizer = load_gguf(where, dtype)
+        return model, _for_generation(tokenizer), {"path": str(path)}
+    if where.exists():
         source = str(where)
         if not (where / "config.json").is_file():
             raise EntclipError(f"{where} is not a model folder (no config.json); give a folder written by "
@@ -86,10 +85,7 @@ def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = Fa
     elif str(path).startswith(("/", "./", "../", "~")):
         raise EntclipError(f"model folder {path} does not exist; check the path", NOT_FOUND)
     try:
-        # GGUF loading draws a tqdm bar outside transformers' logging switch: send it nowhere.
-        quiet = contextlib.redirect_stderr(io.StringIO()) if "gguf_file" in kw else contextlib.nullcontext()
-        with quiet:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     except ImportError as exc:
         raise EntclipError(f"cannot load model {path!r}: {str(exc).splitlines()[0][:200]}", NOT_FOUND) from None
@@ -103,12 +99,12 @@ def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = Fa
                                f"{path}) or point --set model=PATH at a local folder", NOT_FOUND) from None
         raise EntclipError(f"cannot load model {path!r} ({first}); give a run directory, a checkpoint, "
                            "a model folder or a reachable Hugging Face id", NOT_FOUND) from None
-    if "gguf_file" in kw and getattr(model, "hf_quantizer", None) is not None:
-        # A dequantized GGUF: checkpoints (save_pretrained) must write plain float weights.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    tokenizer.padding_side = "left"  # generation appends on the right
+    return model, _for_generation(tokenizer), {"path": str(path)}
+
+
+def _for_generation(tokenizer):
+    """Left padding (generation appends on the right) and a pad token (EOS when it has none)."""
+    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, {"path": str(path)}
+    return tokenizer

@@ -269,17 +269,37 @@ class RewardRunner:
         self._lock = threading.Lock()
 
     def score(self, completions: list[str], answers: list[str], prompts: list[str]) -> RewardBatch:
+        scores, problems = self._scores(self.names, completions, answers, prompts)
+        n = len(completions)
+        timeouts = sum(err is _TIMED_OUT for _, err in problems)
+        first = next((f"{name}: {err}" for name, err in problems if err is not _TIMED_OUT), None)
+        weights = dict(self.terms)
+        total = [sum(w * scores[name][i] for name, w in weights.items()) for i in range(n)]
+        return RewardBatch(total=total, correct=[s >= 1.0 for s in scores[self.verifier]],
+                           components={name: scores[name] for name in weights},
+                           errors=len(problems) - timeouts, timeouts=timeouts, first_error=first)
+
+    def verify(self, completions: list[str], answers: list[str], prompts: list[str]) -> list[bool]:
+        """The verifier's verdicts only (evaluation): no other reward term is computed."""
+        scores, _ = self._scores([self.verifier], completions, answers, prompts)
+        return [s >= 1.0 for s in scores[self.verifier]]
+
+    def _scores(self, names: list[str], completions: list[str], answers: list[str], prompts: list[str]
+                ) -> tuple[dict[str, list[float]], list[tuple[str, Any]]]:
+        """Unweighted scores of the reward terms `names`, and (name, error or _TIMED_OUT) per failed call."""
         n = len(completions)
         if not len(answers) == len(prompts) == n:
             raise ValueError(f"{n} completions, {len(answers)} answers, {len(prompts)} prompts: one each")
-        scores = {name: [0.0] * n for name in self.names}
-        problems: list[tuple[str, Any]] = []  # (name, error message or _TIMED_OUT) per failed call
+        scores = {name: [0.0] * n for name in names}
+        problems: list[tuple[str, Any]] = []
         for name, fn in self._fns.items():
+            if name not in scores:
+                continue
             for i in range(n):
                 scores[name][i], err = _call(fn, completions[i], answers[i], prompts[i])
                 if err is not None:
                     problems.append((name, err))
-        slots = [(name, i) for name in self.remote for i in range(n)]
+        slots = [(name, i) for name in self.remote if name in scores for i in range(n)]
         with self._lock:
             try:
                 jobs = [(name, completions[i], answers[i], prompts[i]) for name, i in slots]
@@ -291,13 +311,7 @@ class RewardRunner:
             scores[name][i] = value
             if err is not None:
                 problems.append((name, err))
-        timeouts = sum(err is _TIMED_OUT for _, err in problems)
-        first = next((f"{name}: {err}" for name, err in problems if err is not _TIMED_OUT), None)
-        weights = dict(self.terms)
-        total = [sum(w * scores[name][i] for name, w in weights.items()) for i in range(n)]
-        return RewardBatch(total=total, correct=[s >= 1.0 for s in scores[self.verifier]],
-                           components={name: scores[name] for name in weights},
-                           errors=len(problems) - timeouts, timeouts=timeouts, first_error=first)
+        return scores, problems
 
     def _run_remote(self, jobs: list[tuple]) -> list[tuple[float, Any]]:
         """(value, None | error message | _TIMED_OUT) per job, in order; restarts the worker as needed."""

@@ -213,16 +213,6 @@ def concat_rollouts(parts: list["Rollout"], pad_id: int) -> "Rollout":
                    completions=[c for r in parts for c in r.completions])
 
 
-def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
-           greedy: bool = False, seeds: list[int] | None = None) -> Rollout:
-    """Sample `n` completions for each prompt (rows ordered prompt-major) with the HF backend.
-
-    Without `seeds`, row seeds are drawn from torch's global generator (so torch.manual_seed
-    makes the call repeatable).
-    """
-    return HFSampler(lambda: model, tokenizer).sample(prompts, n, temperature, max_new_tokens, seeds, greedy)
-
-
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       n_completion: int) -> torch.Tensor:
     """Logits that predicted each completion token: (b, T, V), in the model's dtype.

@@ -191,3 +191,17 @@ def test_micro_batches_with_a_filter_log_the_same_fractions(tmp_path):
     for a, b in zip(whole.metrics, parts.metrics):
         for k in ("clip/ratio_low_frac", "clip/ratio_high_frac", "loss/total", "clip/filter_frac"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_failing_reward_is_counted_every_step_and_shown_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "broken_reward.py").write_text("def f(completion, answer, prompt):\n    return 1 / 0\n")
+    cfg = resolve(sets=tiny_sets(reward="exact,broken_reward:f=0.5", reward_timeout=0))
+    run = RunDir.create(tmp_path / "broken")
+    run.write_config(cfg.to_yaml())
+    lines: list[str] = []
+    train(cfg, run, log=lines.append)
+    shown = [line for line in lines if "reward call failed" in line]
+    assert len(shown) == 1 and "broken_reward:f: ZeroDivisionError" in shown[0]
+    rows = load_run(run.path).metrics
+    assert all(r["reward/errors"] == cfg.batch_size for r in rows)  # every completion, every step

@@ -98,3 +98,10 @@ def test_smollm2_folder_loads_and_matches_the_gguf_logits(tmp_path):
         theirs = reference(ids).logits[0, -1]  # (V,)
     assert ours.shape == (49152,)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # `--set model=FILE.gguf` loads through the same path as the conversion: same logits again.
+    from entclip.models import load_folder
+
+    direct, direct_tok, _ = load_folder(str(gguf_path))
+    assert direct_tok.padding_side == "left" and getattr(direct, "hf_quantizer", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(direct.eval()(ids).logits[0, -1], theirs, rtol=0, atol=1e-5)

@@ -267,3 +267,13 @@ def test_runner_refuses_bad_arguments():
         RewardRunner("exact", timeout=-1)
     with pytest.raises(ValueError, match="one each"):
         RewardRunner("exact", timeout=0).score(["a", "b"], ["a"], ["", ""])
+
+
+def test_verify_computes_the_verifier_alone(tmp_path, monkeypatch):
+    """Evaluation asks only for verdicts: other terms (a slow or failing custom reward) are not run."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "explodes.py").write_text("def f(completion, answer, prompt):\n    raise RuntimeError('ran')\n")
+    with RewardRunner("exact,explodes:f", default="exact", verifier="exact", timeout=5.0) as runner:
+        assert runner.verify(["46", "47"], ["46", "46"], ["", ""]) == [True, False]
+        assert runner._proc is None  # the worker (where explodes:f would run) was never started
+        assert runner.score(["46"], ["46"], [""]).errors == 1
