@@ -28,7 +28,7 @@ from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import EntclipError
 from entclip.models import load_folder, load_policy, quiet_libraries
-from entclip.rollout import HFSampler, Rollout, completion_logits
+from entclip.rollout import HFSampler, Rollout, Sampler, completion_logits
 from entclip.rundir import RunDir
 
 Log = Callable[[str], None]
@@ -36,6 +36,9 @@ Log = Callable[[str], None]
 # (about 1 GiB in float32); larger batches or vocabularies report pred_param and measured only.
 ACCOUNT_LOGITS_MAX = 2**28
 OnStep = Callable[[int, dict[str, float]], None]
+# Receives the run's default sampler (HFSampler over the live policy) and returns the one the run uses:
+# a wrapper that post-processes rollouts (tests build batches with guaranteed properties), or a backend.
+WrapSampler = Callable[[Sampler], Sampler]
 
 
 def derive_seed(*parts: Any) -> int:
@@ -59,9 +62,11 @@ class Trainer:
     """Holds the objects of one run and takes its steps; loop.train runs them, saves and resumes."""
 
     def __init__(self, cfg: Config, run: RunDir | None, log: Log, on_step: OnStep = lambda s, m: None,
-                 model_path: str | None = None, resume: bool = False):
+                 model_path: str | None = None, resume: bool = False, wrap_sampler: WrapSampler | None = None):
         """`model_path`: a model to start from instead of cfg.model (a checkpoint, a folder or an id);
-        with `resume` it is the run's checkpoint and the KL reference stays the run's own start."""
+        with `resume` it is the run's checkpoint and the KL reference stays the run's own start.
+        `wrap_sampler(sampler) -> Sampler`: given the default HFSampler, returns the sampler every
+        rollout and evaluation of the run uses (its `sync_weights` is called after each step)."""
         from accelerate import Accelerator
 
         from entclip.plan import resolve_precision
@@ -120,8 +125,9 @@ class Trainer:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 **({"fused": True} if fused else {}))
         self.model, self.opt = self.accelerator.prepare(model, opt)
-        self.sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens, self.autocast,
-                                 cfg.generation_batch_size)
+        sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens, self.autocast,
+                            cfg.generation_batch_size)
+        self.sampler = sampler if wrap_sampler is None else wrap_sampler(sampler)
         total = cfg.steps * cfg.epochs * cfg.minibatches
         self.accounting_s = 0.0  # time the current step spent on entropy accounting
         self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient, whole run

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 
 from entclip.config import Config
-from entclip.engine import Log, NonFiniteStop, OnStep, Trainer
+from entclip.engine import Log, NonFiniteStop, OnStep, Trainer, WrapSampler
 from entclip.errors import FAILED, INTERRUPTED, EntclipError
 from entclip.parallel import global_max
 from entclip.rundir import RunDir, load_trainer_state, save_checkpoint
 
 
 def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None,
-          resume_from: Path | None = None) -> dict[str, Any]:
+          resume_from: Path | None = None, wrap_sampler: WrapSampler | None = None) -> dict[str, Any]:
     """Run GRPO per `cfg` into `run` (or continue it from checkpoint `resume_from`); return the summary.
+
+    `wrap_sampler(sampler) -> Sampler` replaces the default sampler (see Trainer): the same run with
+    rollouts post-processed or drawn by another backend.
 
     Ctrl-C stops after the current step with a checkpoint (EntclipError, exit 130); too many
     non-finite updates in a row stop with a checkpoint of the last good parameters (exit 1).
@@ -31,7 +34,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
     import signal
 
     trainer = Trainer(cfg, run, log, on_step, model_path=str(resume_from) if resume_from else None,
-                      resume=resume_from is not None)
+                      resume=resume_from is not None, wrap_sampler=wrap_sampler)
     t_start, wall_before, start = time.perf_counter(), 0.0, 1
     if resume_from is not None:
         state = restore(trainer, resume_from)
