@@ -10,6 +10,7 @@ import torch
 
 from conftest import tiny_sets
 from entclip.config import resolve
+from mixed_groups import mixed_groups
 from entclip.engine import Trainer, train
 from entclip.rundir import RunDir, load_run
 
@@ -22,17 +23,19 @@ EXPECTED_KEYS = {
 }
 
 
-def _run(tmp_path, name, **overrides):
+def _run(tmp_path, name, wrap_sampler=None, **overrides):
     cfg = resolve(sets=tiny_sets(**overrides))
     run = RunDir.create(tmp_path / name)
     run.write_config(cfg.to_yaml())
-    summary = train(cfg, run, log=lambda s: None)
+    summary = train(cfg, run, log=lambda s: None, wrap_sampler=wrap_sampler)
     return cfg, load_run(run.path), summary
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("runs"), "plain")
+    """Every group mixed (mixed_groups): nonzero advantages, so a nonzero gradient that changes the
+    weights, and wrong tokens below the batch's centre, whatever the model samples."""
+    return _run(tmp_path_factory.mktemp("runs"), "plain", wrap_sampler=mixed_groups)
 
 
 def test_two_steps_write_a_complete_run_directory(plain_run):
@@ -69,7 +72,7 @@ def test_checkpoint_loads_with_auto_classes_and_differs_from_the_warm_start(plai
 
 def test_same_seed_repeats_exactly_on_cpu(plain_run, tmp_path):
     _, first, _ = plain_run
-    _, second, _ = _run(tmp_path, "again")
+    _, second, _ = _run(tmp_path, "again", wrap_sampler=mixed_groups)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]  # noqa: E731
     assert strip(first.metrics) == strip(second.metrics)
     assert first.evals == second.evals
@@ -88,13 +91,19 @@ def test_single_update_per_batch_is_on_policy(tmp_path):
     ("clip_b", {"clip_b_mu": 0.3, "filter_rule": "paper"}),
 ])
 def test_filters_with_a_small_mu_drop_tokens_and_log_it(tmp_path, method, sets):
-    _, run, _ = _run(tmp_path, method, entropy_control=method, **sets)
+    """Mixed groups: row 1 of each group (A < 0) starts with "+" right after "=", p ~ 0, so S* ~ 0,
+    below the batch's S* centre (z_b -0.54 to -0.91, and some wrong token at z_v < -2, over
+    ENTCLIP_TEST_SEED 0-11) where mu = 0.3 drops it. The paper rule (two-sided, |z| > mu dropped) with
+    mu < 1 drops a token whenever S* is not constant: mean z^2 = 1, so not every |z| <= 0.3."""
+    _, run, _ = _run(tmp_path, method, wrap_sampler=mixed_groups, entropy_control=method, **sets)
     assert any(r["clip/filter_frac"] > 0 for r in run.metrics)
     if sets.get("filter_rule") != "paper":  # released rule: only negative advantages are dropped
         assert all(r["clip/filter_frac_pos"] == 0 for r in run.metrics)
 
 
 def test_released_thresholds_report_why_they_are_idle(plain_run):
+    """z_b is centred (its minimum is <= 0 for any batch); z_v = (S* - E_p[S*]) / sigma is not, and
+    is <= 0 on the mixed rows' wrong tokens (S* ~ 0 <= E_p[S*], see mixed_groups)."""
     _, run, _ = plain_run
     for row in run.metrics:
         assert row["disc/min_z_b"] <= 0 and row["disc/min_z_v"] <= 0
@@ -114,12 +123,14 @@ def test_objective_variants_train(tmp_path, overrides):
 
 
 def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
-    """The keep-mask is computed once per rollout batch, before the first update, on every row."""
+    """The keep-mask is computed once per rollout batch, before the first update, on every row.
+    Mixed groups make the filter drop tokens (see the small-mu test), so the comparison has teeth."""
     from entclip.objective import batch_filter
     from entclip import losses
 
     cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
-    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None)
+    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None,
+                      wrap_sampler=mixed_groups)
     roll, rewards, _ = trainer.rollout(1)
     stats, _ = trainer.batch_stats(roll, trainer.minibatch_plan(1, roll.completion_ids.shape[0], "cpu")[0])
     adv = losses.group_advantages(rewards, cfg.group_size)[:, None].expand_as(roll.completion_mask)
@@ -127,6 +138,7 @@ def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     expected = losses.clip_b_mask(stats.disc, adv, roll.completion_mask, mu=0.3)
     assert torch.equal(keep, expected)
     assert not (keep & ~roll.completion_mask.bool()).any()
+    assert (~keep & roll.completion_mask.bool()).any()
 
 
 @pytest.mark.parametrize("overrides, key, positive", [
@@ -142,7 +154,14 @@ def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     ({"entropy_control": "clip_v", "filter_target_dh": 0.0}, "clip/mu", None),
 ])
 def test_every_method_trains_and_logs_its_share(tmp_path, overrides, key, positive):
-    _, run, _ = _run(tmp_path, "method", **overrides)
+    """What makes each share positive holds on any batch with mixed groups (mixed_groups):
+    high_entropy drops the 80% of tokens below the top-20% entropy (distinct H values);
+    clip_cov's band (-100, 100) holds every token (|A| <= 2, |log p| < 20), so 10% of them drop;
+    kl_cov selects max(1, 10%) tokens; STEER's weights lie in [w_min, w_max] = [0.8, 1.2];
+    the entropy target 5 is above log V = log 16 = 2.77, the most a 16-token model can reach, so the
+    coefficient grows every step; the adaptive share needs tokens with A < 0 below the centre: the
+    mixed rows' wrong tokens, a quarter of the step's tokens."""
+    _, run, _ = _run(tmp_path, "method", wrap_sampler=mixed_groups, **overrides)
     for row in run.metrics:
         assert key in row and math.isfinite(row[key]) and math.isfinite(row["loss/total"])
     if positive:
@@ -162,7 +181,7 @@ def test_memory_savers_do_not_change_the_run(plain_run, tmp_path, overrides):
     """Micro-batching (gradient accumulation over the minibatch's global normalizer), activation
     checkpointing and split generation change memory, not the updates: the figures match."""
     _, base, _ = plain_run
-    _, run, _ = _run(tmp_path, "saver", **overrides)
+    _, run, _ = _run(tmp_path, "saver", wrap_sampler=mixed_groups, **overrides)
     assert len(run.metrics) == len(base.metrics)
     for a, b in zip(base.metrics, run.metrics):
         for k in a:
@@ -183,10 +202,12 @@ def test_accounting_without_room_for_the_old_logits_reports_the_rest(tmp_path, m
 
 
 def test_micro_batches_with_a_filter_log_the_same_fractions(tmp_path):
-    """Token fractions are shares of the tokens in the loss, however the minibatch is split."""
-    _, whole, _ = _run(tmp_path, "whole", entropy_control="high_entropy", eps_high=0.05, eps_low=0.05)
-    _, parts, _ = _run(tmp_path, "parts", entropy_control="high_entropy", eps_high=0.05, eps_low=0.05,
-                       micro_batch_size=3)
+    """Token fractions are shares of the tokens in the loss, however the minibatch is split. Mixed
+    groups give the first update a nonzero gradient, which moves the second minibatch's ratios."""
+    _, whole, _ = _run(tmp_path, "whole", wrap_sampler=mixed_groups, entropy_control="high_entropy",
+                       eps_high=0.05, eps_low=0.05)
+    _, parts, _ = _run(tmp_path, "parts", wrap_sampler=mixed_groups, entropy_control="high_entropy",
+                       eps_high=0.05, eps_low=0.05, micro_batch_size=3)
     assert any(r["clip/ratio_low_frac"] + r["clip/ratio_high_frac"] > 0 for r in whole.metrics)
     for a, b in zip(whole.metrics, parts.metrics):
         for k in ("clip/ratio_low_frac", "clip/ratio_high_frac", "loss/total", "clip/filter_frac"):

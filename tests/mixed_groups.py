@@ -1,0 +1,84 @@
+"""A sampler wrapper that makes every group of a rollout hold a right and a wrong completion.
+
+What a tiny model samples depends on the machine (AVX-512 and AVX2 round differently, and one flipped
+token changes the rest of a run), so a test that needs a property of the batch builds it here instead
+of hoping for it. Use with the engine's seam: `train(cfg, run, wrap_sampler=mixed_groups)`.
+
+For every sampled (non-greedy) call with n >= 2 the real sampler runs first (its rows, seeds and
+timing stay as they were), then in each group of n rows:
+- row 0 := the correct answer of the built-in task ("a+b=" -> str(a + b)), then EOS;
+- row 1 := WRONG ("+=+", then EOS): characters the warm start never trains as an answer (its
+  targets are digits and EOS after "="), so the exact reward scores it 0 and the policy gives these
+  tokens a probability near 0.
+Rows 2.. keep their samples. completion_ids are right-padded with the pad id, the mask is 1 up to and
+including the first EOS, completions are the decoded texts, as HFSampler returns them. Greedy calls
+(evaluation's greedy accuracy) and n = 1 pass through untouched; evaluation's sampled calls (avg@k,
+pass@k) are mixed too, so those figures describe the built rows there.
+
+What this guarantees, whatever the machine or seed:
+- every group has reward 1 (row 0) and 0 (row 1): its rewards differ, so row 0's advantage is > 0,
+  row 1's is < 0, and the policy gradient sum_i A_i grad log p_i is not zero;
+- every step has tokens with a negative advantage (row 1's, at least 4 per group), so Clip_B's and
+  Clip_V's released rules (which only drop A < 0 / A <= 0 tokens) and the adaptive share have
+  tokens they may drop: 4 x n_prompts eligible tokens, about a quarter of a step's tokens;
+- row 1's first tokens have p ~ 0, so their S* = p (H + log p) ~ 0 and their Clip_V deviation
+  S* - E_p[S*] ~ -E_p[S*] < 0 (E_p[S*] = sum_k p_k^2 (H + log p_k) >= 0 for any distribution, and
+  > 0 unless it is uniform), while row 0's answer tokens, the model's likeliest ones where it
+  answers right, have S* >= 0 (p >= exp(-H) for the most likely token): the wrong tokens sit below the
+  batch's centre, where filters with a small mu act.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entclip.rollout import Rollout, Sampler
+
+WRONG = "+=+"
+
+
+def arithmetic_answer(prompt: str) -> str:
+    """The built-in task's answer: "12+34=" -> "46"."""
+    a, b = prompt.rstrip("=").split("+")
+    return str(int(a) + int(b))
+
+
+class MixedGroups(Sampler):
+    """Delegates to `inner`, then overwrites rows 0 and 1 of each group (see the module docstring)."""
+
+    def __init__(self, inner: Sampler, tokenizer, answer_of=arithmetic_answer, wrong: str = WRONG):
+        self.inner, self.tokenizer, self.answer_of, self.wrong = inner, tokenizer, answer_of, wrong
+
+    def sample(self, prompts: list[str], n: int, temperature: float, max_new_tokens: int,
+               seeds: list[int] | None = None, greedy: bool = False) -> Rollout:
+        roll = self.inner.sample(prompts, n, temperature, max_new_tokens, seeds=seeds, greedy=greedy)
+        if greedy or n < 2:
+            return roll
+        tok = self.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        encode = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [eos]  # noqa: E731
+        built = {}  # row -> its completion token ids, EOS last
+        for g, prompt in enumerate(prompts):
+            built[g * n] = encode(self.answer_of(prompt))
+            built[g * n + 1] = encode(self.wrong)
+        B, T = roll.completion_ids.shape
+        T = max([T] + [len(ids) for ids in built.values()])
+        ids = torch.nn.functional.pad(roll.completion_ids, (0, T - roll.completion_ids.shape[1]), value=pad)
+        mask = torch.nn.functional.pad(roll.completion_mask, (0, T - roll.completion_mask.shape[1]), value=0)
+        completions = list(roll.completions)
+        for row, new in built.items():
+            ids[row] = pad
+            ids[row, :len(new)] = torch.tensor(new, dtype=ids.dtype)
+            mask[row] = 0
+            mask[row, :len(new)] = 1
+            completions[row] = tok.decode(new, skip_special_tokens=True).strip()
+        return Rollout(prompt_ids=roll.prompt_ids, prompt_mask=roll.prompt_mask, completion_ids=ids,
+                       completion_mask=mask, prompts=roll.prompts, completions=completions)
+
+    def sync_weights(self, model) -> None:
+        self.inner.sync_weights(model)
+
+
+def mixed_groups(sampler) -> MixedGroups:
+    """The `wrap_sampler` for the engine: the run's HFSampler, with every group mixed."""
+    return MixedGroups(sampler, sampler.tokenizer)
