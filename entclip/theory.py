@@ -293,14 +293,22 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return _TokenEntropy.apply(logits, temperature)
 
 
-def single_logit_delta(logits: torch.Tensor, k: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def single_logit_delta(logits: torch.Tensor, k: torch.Tensor | int, temperature: float = 1.0) -> torch.Tensor:
     """First-order dH/d(eps) when raw logit k of each row is raised by eps (Theorem 3.2).
 
-    logits: (..., V); k: (...) long, shaped like logits[..., 0] -> (...) float32.
+    logits: (..., V); k: (...) long, shaped like logits[..., 0], or one index (a Python int or a
+    0-d tensor) for every row -> (...) float32.
     Theorem 3.2: dH = -eps S*_k + O(eps^2) for a move of the tempered logit z_k / T. Raising the raw
     logit by eps moves z_k / T by eps / T, so the value is -S*_k / T (= -S*_k at T = 1).
     """
-    stats = token_stats(logits, k, temperature=temperature)
+    if isinstance(k, bool) or not isinstance(k, (int, torch.Tensor)):
+        raise TypeError(f"k must be an int or an integer tensor, not {type(k).__name__}")
+    k = torch.as_tensor(k, device=logits.device)
+    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise TypeError(f"k must hold integer token indices, not {k.dtype}")
+    if k.dim() == 0:  # one index for every row
+        k = k.expand(logits.shape[:-1])
+    stats = token_stats(logits, k.long(), temperature=temperature)
     return -stats.disc / temperature
 
 

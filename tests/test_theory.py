@@ -161,6 +161,30 @@ def test_single_logit_delta_matches_finite_difference(temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_single_logit_delta_takes_an_int_a_0d_tensor_or_one_index_per_row(temperature):
+    """k as a Python int or a 0-d tensor is one index for every row; each form equals -S*_k / T from
+    the float64 definitions, and the batched form with k repeated gives the same values."""
+    logits, tokens = random_case((2, 3), 9, seed=23)
+    _, _, disc, _ = reference_stats(logits, tokens, temperature)
+    expected = (-disc / temperature).float()  # (2, 3)
+    torch.testing.assert_close(single_logit_delta(logits, tokens, temperature), expected, rtol=1e-5, atol=1e-6)
+    row = logits[1, 2]  # (V,): one distribution
+    k = int(tokens[1, 2])
+    for index in (k, torch.tensor(k)):
+        out = single_logit_delta(row, index, temperature)
+        assert out.shape == ()
+        torch.testing.assert_close(out, expected[1, 2], rtol=1e-5, atol=1e-6)
+    _, _, disc_k, _ = reference_stats(logits, torch.full((2, 3), 4), temperature)
+    for index in (4, torch.tensor(4)):  # one index, every row of a batch
+        out = single_logit_delta(logits, index, temperature)
+        assert out.shape == (2, 3)
+        torch.testing.assert_close(out, (-disc_k / temperature).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, single_logit_delta(logits, torch.full((2, 3), 4), temperature))
+    with pytest.raises(TypeError, match="integer"):
+        single_logit_delta(row, torch.tensor(1.5), temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_grpo_logit_delta_matches_finite_difference(temperature):
     # Theorem 3.3: one gradient-ascent step of r*A*log p_k on the logits gives
     # dH = -eta r A (S* - E_p[S]) (/ T^2 through the tempered softmax).
