@@ -9,31 +9,34 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_sets
+from conftest import TEST_SEED, tiny_sets
 from entclip import compare as cmp
 from entclip.cli import app
 from entclip.rundir import LoadedRun
 
 runner = CliRunner()
+S0, S1 = TEST_SEED, TEST_SEED + 1  # the sweep's two seeds, shifted with ENTCLIP_TEST_SEED
 
 
 def _sets(**overrides) -> list[str]:
-    return [a for item in tiny_sets(**overrides) for a in ("--set", item)]
+    # No --set seed: the sweep's --seeds sets each run's seed (a --set seed would win over it).
+    return [a for item in tiny_sets(**overrides) if not item.startswith("seed=") for a in ("--set", item)]
 
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    res = runner.invoke(app, ["train", "--seeds", "0,1", "--presets", "none,clip-b-active", "--out-dir", str(out),
+    res = runner.invoke(app, ["train", "--seeds", f"{S0},{S1}", "--presets", "none,clip-b-active", "--out-dir", str(out),
                               "--name", "g", "-q", *_sets(steps=3)])
     assert res.exit_code == 0, res.output
     return out / "g"
 
 
 def test_sweep_writes_one_run_per_preset_and_seed(group):
-    assert sorted(p.name for p in group.iterdir()) == ["clip-b-active-s0", "clip-b-active-s1", "none-s0", "none-s1"]
-    cfg = (group / "clip-b-active-s1" / "config.yaml").read_text()
-    assert "seed: 1" in cfg and "entropy_control: clip_b" in cfg
+    assert sorted(p.name for p in group.iterdir()) == [f"clip-b-active-s{S0}", f"clip-b-active-s{S1}",
+                                                       f"none-s{S0}", f"none-s{S1}"]
+    cfg = (group / f"clip-b-active-s{S1}" / "config.yaml").read_text()
+    assert f"seed: {S1}" in cfg and "entropy_control: clip_b" in cfg
 
 
 def test_compare_groups_seeds_by_method_with_mean_and_std(group, tmp_path):
@@ -47,7 +50,7 @@ def test_compare_groups_seeds_by_method_with_mean_and_std(group, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     with open(tmp_path / "t.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2
-    md = runner.invoke(app, ["compare", str(group / "none-s0"), str(group / "none-s1"), "--markdown"]).output
+    md = runner.invoke(app, ["compare", str(group / f"none-s{S0}"), str(group / f"none-s{S1}"), "--markdown"]).output
     assert md.startswith("| method | seeds |") and "| none | 2 |" in md
 
 
@@ -72,7 +75,7 @@ def test_compare_statistics_on_hand_made_runs(tmp_path):
 
 
 def test_evaluate_a_finished_run(group):
-    res = runner.invoke(app, ["evaluate", str(group / "none-s0"), "--n", "8", "--k", "2", "--json"])
+    res = runner.invoke(app, ["evaluate", str(group / f"none-s{S0}"), "--n", "8", "--k", "2", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["problems"] == 8 and {"greedy_acc", "avg@2", "pass@1", "pass@2"} <= data.keys()

@@ -22,7 +22,9 @@ from entclip.config import resolve
 from entclip.engine import train
 from entclip.rundir import RunDir
 
-# Clip_B with the two-sided paper rule and a small mu drops tokens of both signs every step.
+# Clip_B with the two-sided paper rule and mu = 1 drops tokens whatever was sampled: it keeps a token
+# iff |x| <= sigma, x = S* - mean S* and sigma^2 = mean x^2 over the batch, so keeping all would need
+# |x| = sigma for every token (S* taking two values, symmetric, in equal counts).
 SETS = tiny_sets(steps=2, prompts_per_step=4, group_size=4, minibatches=1, eval_every=0, eval_n=6,
                  entropy_control="clip_b", filter_rule="paper", clip_b_mu=1.0, log_filter=True,
                  samples_per_step=1)

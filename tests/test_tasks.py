@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import TEST_SEED
 from entclip.errors import EntclipError
 from entclip.tasks import tiny
 from entclip.tasks.arithmetic import ArithmeticTask, Problem, reward, verify
@@ -22,7 +23,8 @@ from entclip.tasks.tiny import (
 # Small enough for ~1 s a warm start; target_acc 1.0 is never reached, so it runs all 20 steps.
 TINY_MODEL = dict(hidden=32, layers=2, heads=2, kv_heads=1, ffn=64)
 TINY = WarmStartSpec(
-    max_operand=19, n_test=40, **TINY_MODEL, max_steps=20, eval_every=10, eval_n=32, target_acc=1.0
+    max_operand=19, n_test=40, **TINY_MODEL, max_steps=20, eval_every=10, eval_n=32, target_acc=1.0,
+    seed=TEST_SEED,
 )
 
 
