@@ -82,3 +82,8 @@ class MixedGroups(Sampler):
 def mixed_groups(sampler) -> MixedGroups:
     """The `wrap_sampler` for the engine: the run's HFSampler, with every group mixed."""
     return MixedGroups(sampler, sampler.tokenizer)
+
+
+def mixed_groups_for(answer_of, wrong: str = WRONG):
+    """A `wrap_sampler` for another task: `answer_of(prompt text)` -> the answer the reward accepts."""
+    return lambda sampler: MixedGroups(sampler, sampler.tokenizer, answer_of, wrong)

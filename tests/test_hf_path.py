@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TEST_SEED, TINY
 from entclip.cli import app
 
 runner = CliRunner()
@@ -102,27 +102,47 @@ def test_qwen_math_preset_trains_on_local_stand_ins(stand_ins, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_trains_two_clip_v_steps_with_the_chat_template_and_math_reward(tmp_path):
+    """In process (the CLI's path is the stand-in test's), so that the run can use mixed groups: in
+    each group one row answers right ("7<|im_end|>") and one says "+=+", tokens SmolLM2 gives
+    p ~ 1e-7 there. Their S* ~ 0 lies below E_p[S*] >= 0 and their advantage is < 0, so Clip_V's
+    released rule may drop them; over 2 steps the lowest of their z_v was -1.4 to -2.5 (seeds 0-2),
+    past mu = 1. What SmolLM2 samples in the other rows does not decide the claim."""
+    import re
+
+    from mixed_groups import mixed_groups_for
     from smollm2 import smollm2_folder
+
+    from entclip.config import resolve
+    from entclip.loop import train
+    from entclip.rundir import RunDir
 
     folder = smollm2_folder(os.environ["ENTCLIP_CACHE"])
     problems = [{"question": f"What is {a} + {b}?", "answer": str(a + b)}
                 for a, b in [(3, 4), (12, 7), (8, 9), (41, 33), (6, 5), (25, 17)]]
     data = tmp_path / "gsm.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    res = runner.invoke(app, ["train", "-q", "--preset", "clip-v", "--out-dir", str(tmp_path), "--name", "s",
-                              *_sets({"model": folder, "dataset": data, "prompt_field": "question",
-                                      "prompt_template": "{prompt} Give only the number.",
-                                      "reward": "math", "steps": 2, "prompts_per_step": 2, "group_size": 4,
-                                      "minibatches": 1, "max_new_tokens": 24, "max_prompt_tokens": 128,
-                                      "lr": 1e-5, "clip_v_mu": 1.0, "clip_v_max_frac": 0.05,
-                                      "eval_sets": json.dumps([{"name": "arith", "split": "train", "n": 2}]),
-                                      "eval_k": 2, "eval_every": 0, "threads": 1,
-                                      "entropy_accounting": False})])
-    assert res.exit_code == 0, res.output
+    settings = {"model": folder, "dataset": data, "prompt_field": "question",
+                "prompt_template": "{prompt} Give only the number.",
+                "reward": "math", "steps": 2, "prompts_per_step": 2, "group_size": 4,
+                "minibatches": 1, "max_new_tokens": 24, "max_prompt_tokens": 128,
+                "lr": 1e-5, "clip_v_mu": 1.0, "clip_v_max_frac": 0.05,
+                "eval_sets": json.dumps([{"name": "arith", "split": "train", "n": 2}]),
+                "eval_k": 2, "eval_every": 0, "threads": 1, "entropy_accounting": False,
+                "seed": TEST_SEED}
+    cfg = resolve(preset="clip-v", sets=[f"{k}={v}" for k, v in settings.items()])
+
+    def answer_of(prompt: str) -> str:
+        a, b = re.search(r"What is (\d+) \+ (\d+)\?", prompt).groups()
+        return str(int(a) + int(b))
+
+    run_dir = RunDir.create(tmp_path / "s")
+    run_dir.write_config(cfg.to_yaml())
+    train(cfg, run_dir, log=lambda s: None, wrap_sampler=mixed_groups_for(answer_of))
     run = tmp_path / "s"
     rows = _rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["reward/errors"] == 0 and r["reward/timeouts"] == 0 for r in rows)
+    assert all(r["reward/zero_var_frac"] == 0 for r in rows)  # every group mixed: the right row scored 1
     assert all(r["length/mean"] > 1 for r in rows) and rows[0]["entropy/mean"] > 0
     assert any(r["clip/filter_frac"] > 0 for r in rows)  # Clip_V (mu 1, cap 5%) dropped tokens
     samples = _rows(run / "samples.jsonl")
