@@ -79,8 +79,8 @@ class Config:
     tiny_layers: int = _f(4, "tiny model: transformer layers")
     tiny_heads: int = _f(4, "tiny model: attention heads")
     tiny_ffn: int = _f(512, "tiny model: MLP width")
-    warmup_lr: float = _f(1e-3, "supervised warm start: AdamW learning rate")
-    warmup_max_steps: int = _f(1500, "supervised warm start: step budget")
+    warmup_lr: float = _f(3e-3, "supervised warm start: AdamW learning rate")
+    warmup_max_steps: int = _f(600, "supervised warm start: step budget (it stops there even below the target)")
     warmup_target_acc: float = _f(0.5, "supervised warm start stops at this greedy train accuracy")
     cache_dir: str | None = _f(None, "warm-start cache (default: $ENTCLIP_CACHE or ~/.cache/entclip)")
     # ---- GRPO (algorithm) -----------------------------------------------------------------
@@ -138,7 +138,7 @@ class Config:
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
     accounting_every: int = _f(1, "entropy accounting cadence in steps (raise it for large models)")
     # ---- evaluation -----------------------------------------------------------------------
-    eval_n: int = _f(200, "held-out problems per evaluation")
+    eval_n: int = _f(500, "held-out problems per evaluation (the built-in task holds out n_test=500)")
     eval_k: int = _f(8, "samples per problem for avg@k and pass@k")
     eval_temperature: float = _f(1.0, "sampling temperature for avg@k / pass@k")
 

@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# The runs behind README's result tables (same seed, same warm start). ~1 minute each on 2 cores.
-# Usage: bash scripts/readme_runs.sh [OUT_DIR]   then   python scripts/runs_table.py OUT_DIR/*
+# The runs behind README's result tables: the default and each filter / sign intervention, on every
+# seed (each seed has its own warm start, cached after its first run). ~1-1.5 minutes a run on 2 cores.
+# Usage: bash scripts/readme_runs.sh [OUT_DIR] [SEEDS]      (with the venv active; SEEDS default 0,1,2,3,4)
+#   then  python scripts/runs_table.py OUT_DIR/*             (one row per method: mean ± std over seeds)
+# Two halves of the seeds can run side by side, one per core: ... runs/readme 0,2,4 & ... runs/readme 1,3
 set -euo pipefail
 out=${1:-runs/readme}
+seeds=${2:-0,1,2,3,4}
 t() { entclip train --out-dir "$out" --overwrite --quiet "$@"; }
-t --name none
-t --name clip_b-released --preset clip-b
-t --name clip_v-released --preset clip-v
-t --name clip_b-mu1 --preset clip-b-active
-t --name clip_v-mu1 --preset clip-v-active
-for a in pos neg; do for d in pos neg; do t --name "sign-$a-dev$d" --preset "sign-$a-dev$d"; done; done
+for s in ${seeds//,/ }; do
+  t --name "none-s$s" --seed "$s"
+  t --name "clip_b-released-s$s" --seed "$s" --preset clip-b
+  t --name "clip_v-released-s$s" --seed "$s" --preset clip-v
+  t --name "clip_b-mu1-s$s" --seed "$s" --preset clip-b-active
+  t --name "clip_v-mu1-s$s" --seed "$s" --preset clip-v-active
+  for a in pos neg; do for d in pos neg; do
+    t --name "sign-$a-dev$d-s$s" --seed "$s" --preset "sign-$a-dev$d"
+  done; done
+done
