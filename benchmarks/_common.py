@@ -41,7 +41,17 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = "/".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores{mem}, load average {load}"
+    return f"{cpu} ({isa()}), {os.cpu_count()} cores{mem}, load average {load}"
+
+
+def isa() -> str:
+    """'avx512f' or 'avx2 only' (or 'no avx2'): float results, hence run trajectories, differ between them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "instruction set unknown"
+    return "avx512f" if "avx512f" in flags else "avx2 only" if "avx2" in flags else "no avx2"
 
 
 def temp_dir(prefix: str) -> str:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/default_run.py             # the real default (a few minutes)
     .venv/bin/python benchmarks/default_run.py --quick     # the tests' tiny settings, 2 steps
     .venv/bin/python benchmarks/default_run.py --reps 2    # cold, warm, cold, warm
+    .venv/bin/python benchmarks/default_run.py --seeds 0,1,2,3,4 --cold-only   # first runs, per seed
 
 "Cold": a fresh, empty ENTCLIP_CACHE, so the run first trains the supervised warm start. "Warm":
 the same cache again, so the warm start is loaded and training begins at once. The wall time is
@@ -34,9 +35,11 @@ TINY = {  # tests/conftest.py TINY
 }
 
 
-def run_once(cache: Path, out: Path, name: str, sets: list[str]) -> dict:
+def run_once(cache: Path, out: Path, name: str, sets: list[str], seed: int | None = None) -> dict:
     env = {**os.environ, "ENTCLIP_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "entclip", "train", "--out-dir", str(out), "--name", name, "--quiet"]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.perf_counter()
@@ -46,7 +49,10 @@ def run_once(cache: Path, out: Path, name: str, sets: list[str]) -> dict:
         sys.exit(f"entclip train failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     summary = json.loads((out / name / "summary.json").read_text())
     ws = summary.get("warm_start") or {}
-    return {"wall": wall, "train_wall": summary.get("wall_s", float("nan")),
+    first, last = summary.get("eval_first") or {}, summary.get("eval_last") or {}
+    return {"greedy": (first.get("test/greedy_acc"), last.get("test/greedy_acc")),
+            "entropy": ((summary.get("entropy") or {}).get("first"), (summary.get("entropy") or {}).get("last")),
+            "wall": wall, "train_wall": summary.get("wall_s", float("nan")),
             "warm_start_s": ws.get("seconds", float("nan")) if not ws.get("cached") else 0.0,
             "cached": ws.get("cached"), "ws_steps": ws.get("steps"), "ws_acc": ws.get("accuracy"),
             "steps": summary.get("steps")}
@@ -57,6 +63,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="cold/warm pairs")
     ap.add_argument("--threads", type=int, default=None, help="--set threads=N (default: entclip's, 1)")
     ap.add_argument("--quick", action="store_true", help="the tests' tiny settings, 2 steps")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds: one cold (and warm) pair each")
+    ap.add_argument("--cold-only", action="store_true", help="only the first run (empty cache) of each pair")
     args = ap.parse_args()
     sets = [f"{k}={v}" for k, v in TINY.items()] if args.quick else []
     if args.threads is not None:
@@ -66,17 +74,31 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}; command: {sys.executable} -m entclip train "
           f"{' '.join('--set ' + s for s in sets) or '(no options)'}; threads: "
           f"{args.threads if args.threads is not None else '1 (entclip default)'}")
-    res: dict[str, list[dict]] = {"cold": [], "warm": []}
+    kinds = ("cold",) if args.cold_only else ("cold", "warm")
+    res: dict[str, list[dict]] = {k: [] for k in kinds}
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None] * args.reps
     work = Path(tempfile.mkdtemp(prefix="entclip-default-run-"))
     try:
-        for r in range(args.reps):
+        for r, seed in enumerate(seeds):
             cache = work / f"cache{r}"  # fresh and empty: nothing cached yet
-            for kind in ("cold", "warm"):
-                res[kind].append(run_once(cache, work / "runs", f"{kind}{r}", sets))
+            for kind in kinds:
+                res[kind].append(run_once(cache, work / "runs", f"{kind}{r}", sets, seed))
                 x = res[kind][-1]
-                print(f"  {kind} #{r + 1}: {x['wall']:.1f} s (warm start cached: {x['cached']})")
+                print(f"  {kind} #{r + 1}{'' if seed is None else f' (seed {seed})'}: {x['wall']:.1f} s "
+                      f"(warm start cached: {x['cached']})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    if args.seeds:  # one row per seed: what a user's first run of that seed costs and shows
+        rows = []
+        for seed, x in zip(seeds, res["cold"]):
+            rows.append([seed, f"{x['ws_steps']}", f"{x['warm_start_s']:.1f}", f"{x['ws_acc']:.3f}",
+                         f"{x['train_wall']:.1f}", f"**{x['wall']:.1f}**",
+                         f"{x['greedy'][0]:.3f} -> {x['greedy'][1]:.3f}",
+                         f"{x['entropy'][0]:.3f} -> {x['entropy'][1]:.3f}"])
+        print()
+        table(["seed", "warm-start steps", "warm-start s", "warm-start train acc", "GRPO loop + evals s",
+               "first run wall s", "held-out greedy (first -> last)", "entropy (first -> last step)"], rows)
 
     rows = []
     for kind, xs in res.items():
