@@ -53,6 +53,16 @@ def test_two_steps_write_a_complete_run_directory(plain_run):
     assert summary["status"] == "completed" and run.summary["format"] == 1
 
 
+def test_a_wrapped_sampler_draws_the_runs_rollouts(plain_run):
+    """Trainer(wrap_sampler=...) routes every rollout through the wrapper: each group is mixed and
+    the logged samples (rows 0 and 1 of the first group) are the rows mixed_groups built."""
+    _, run, _ = plain_run
+    assert all(r["reward/zero_var_frac"] == 0 for r in run.metrics)
+    samples = [json.loads(line) for line in (run.path / "samples.jsonl").read_text().splitlines()]
+    assert [(s["reward"], s["completion"] == "+=+") for s in samples[:2]] == [(1.0, False), (0.0, True)]
+    assert samples[0]["advantage"] > 0 > samples[1]["advantage"]
+
+
 def test_checkpoint_loads_with_auto_classes_and_differs_from_the_warm_start(plain_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
