@@ -256,6 +256,9 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
         seed_list = [int(x) for x in _split(seeds, "seeds")] if seeds is not None else [None]
     except ValueError:
         raise EntclipError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
+    if seeds is not None and any(s.split("=", 1)[0].strip() == "seed" for s in sets):
+        raise EntclipError("--set seed=... would override every seed of --seeds (the runs would be named for "
+                           "seeds they do not use); drop it and list the seeds in --seeds")
     preset_list = _split(presets, "presets") if presets is not None else ["none"]
     base = resolve(config_file=config, flags={**flags, "name": None}, sets=sets)
     group = Path(base.out_dir) / (flags.get("name") or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")

@@ -85,6 +85,7 @@ def test_evaluate_a_finished_run(group):
 @pytest.mark.parametrize("args, code, needle", [
     (["compare", "/nonexistent"], 3, "does not exist"),
     (["train", "--seeds", "x"], 2, "expected integers"),
+    (["train", "--seeds", "0,1", "--set", "seed=3"], 2, "would override every seed of --seeds"),
     (["train", "--presets", "nope"], 2, "unknown preset"),
     (["evaluate", "/nonexistent"], 3, "does not exist"),
 ])
