@@ -93,14 +93,16 @@ def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str)
 
 
 def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply: bool,
-            log=lambda s: None) -> Prediction:
+            log=lambda s: None, wrap_sampler=None) -> Prediction:
+    """One GRPO update's predicted entropy change on G samples of each problem (and, with `apply`,
+    the update taken and measured). `wrap_sampler`: as in Trainer (the sampler the batch comes from)."""
     from entclip.engine import Trainer, derive_seed
     from entclip.objective import batch_filter
 
     if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1:
         raise ValueError("predict: one update on the whole batch needs prompts_per_step == len(problems), "
                          "minibatches == epochs == 1")
-    trainer = Trainer(cfg, None, log, model_path=model_path)
+    trainer = Trainer(cfg, None, log, model_path=model_path, wrap_sampler=wrap_sampler)
     torch.manual_seed(derive_seed(cfg.seed, "predict"))
     roll, rewards, _ = trainer.rollout_problems(problems)
     adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(roll.completion_ids.device)

@@ -84,3 +84,20 @@ def test_theorem_3_2_mode_at_a_prompt_position(finished_run):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)["rows"]
     assert math.isclose(sum(r["p"] for r in rows), 1.0, rel_tol=1e-6)
+
+
+def test_the_applied_step_reproduces_a_nonzero_prediction(tmp_path):
+    """Every group mixed (tests/mixed_groups.py), so advantages are nonzero and so is the prediction:
+    the step's own accounting of the same update must reproduce it (on-policy, ratio 1)."""
+    from mixed_groups import mixed_groups
+
+    from entclip.config import resolve
+    from entclip.predict import predict
+    from entclip.tasks.arithmetic import ArithmeticTask
+
+    cfg = resolve(sets=tiny_sets(minibatches=1, epochs=1))
+    problems = ArithmeticTask(cfg.max_operand, cfg.n_test).train[:cfg.prompts_per_step]
+    pred = predict(cfg, None, problems, apply=True, wrap_sampler=mixed_groups)
+    assert pred.totals["reward/mean"] > 0 and pred.totals["entropy/pred_logit"] != 0
+    assert math.isclose(pred.applied["entropy/pred_logit"], pred.totals["entropy/pred_logit"], rel_tol=1e-3)
+    assert pred.applied["entropy/measured"] != 0
