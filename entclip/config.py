@@ -34,7 +34,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train; auto lets accelerate choose")
     steps: int = _f(200, "training steps (one rollout batch and its optimizer updates each)")
     log_every: int = _f(10, "console line / progress refresh cadence in steps")
-    eval_every: int = _f(50, "held-out evaluation cadence in steps (0 = only at the end)")
+    eval_every: int = _f(100, "held-out evaluation cadence in steps (0 = only at the end)")
     save_every: int = _f(0, "checkpoint cadence in steps (0 = only the final checkpoint)")
     keep_checkpoints: int = _f(2, "keep only the newest K checkpoints (0 = keep all)")
     max_nonfinite: int = _f(3, "stop after this many non-finite updates in a row (each is skipped)")
@@ -80,7 +80,7 @@ class Config:
     tiny_heads: int = _f(4, "tiny model: attention heads")
     tiny_ffn: int = _f(512, "tiny model: MLP width")
     warmup_lr: float = _f(3e-3, "supervised warm start: AdamW learning rate")
-    warmup_max_steps: int = _f(600, "supervised warm start: step budget (it stops there even below the target)")
+    warmup_max_steps: int = _f(450, "supervised warm start: step budget (it stops there even below the target)")
     warmup_target_acc: float = _f(0.5, "supervised warm start stops at this greedy train accuracy")
     cache_dir: str | None = _f(None, "warm-start cache (default: $ENTCLIP_CACHE or ~/.cache/entclip)")
     # ---- GRPO (algorithm) -----------------------------------------------------------------
