@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,17 @@ def main() -> None:
                          f"{x['train_wall']:.1f}", f"**{x['wall']:.1f}**",
                          f"{x['greedy'][0]:.3f} -> {x['greedy'][1]:.3f}",
                          f"{x['entropy'][0]:.3f} -> {x['entropy'][1]:.3f}"])
+        def ms(vals, fmt):
+            m = statistics.mean(vals)
+            return f"{m:{fmt}} ± {statistics.stdev(vals):{fmt.lstrip('+')}}" if len(vals) > 1 else f"{m:{fmt}}"
+
+        cold = res["cold"]
+        rows.append(["mean ± std", ms([x["ws_steps"] for x in cold], ".0f"), ms([x["warm_start_s"] for x in cold], ".1f"),
+                     ms([x["ws_acc"] for x in cold], ".3f"), ms([x["train_wall"] for x in cold], ".1f"),
+                     ms([x["wall"] for x in cold], ".1f"),
+                     f"{ms([x['greedy'][0] for x in cold], '.3f')} -> {ms([x['greedy'][1] for x in cold], '.3f')} "
+                     f"(gain {ms([x['greedy'][1] - x['greedy'][0] for x in cold], '+.3f')})",
+                     f"{ms([x['entropy'][0] for x in cold], '.3f')} -> {ms([x['entropy'][1] for x in cold], '.3f')}"])
         print()
         table(["seed", "warm-start steps", "warm-start s", "warm-start train acc", "GRPO loop + evals s",
                "first run wall s", "held-out greedy (first -> last)", "entropy (first -> last step)"], rows)
