@@ -31,8 +31,8 @@ def method_label(cfg: dict) -> str:
     return method
 
 
-def figures(path: Path) -> dict[str, float]:
-    """The per-run numbers the tables show."""
+def figures(path: Path) -> dict:
+    """The per-run numbers the tables show (and the run's config under "config")."""
     run = load_run(path)
     s = summarize(run)
     cfg, k = run.config, run.config.get("eval_k", 8)
@@ -54,6 +54,7 @@ def figures(path: Path) -> dict[str, float]:
         "dev_mean": s.get("corollary_3_5", {}).get("dev_mean", float("nan")),
         "disc_mean": s.get("corollary_3_5", {}).get("disc_mean", float("nan")),
         "step_s": s.get("perf", {}).get("step_s_mean", float("nan")),
+        "config": cfg,
     }
     for key, cal in acct.get("calibration", {}).items():
         for stat, v in cal.items():
@@ -88,8 +89,8 @@ def methods(paths: list[str]) -> None:
     for name, runs in groups(paths).items():
         f = [figures(p) for p in runs]
         col = lambda key, fmt: ms([x[key] for x in f], fmt)  # noqa: E731
-        k = load_run(runs[0]).config.get("eval_k", 8)
-        rows.append([name, method_label(load_run(runs[0]).config), str(len(runs)),
+        k = f[0]["config"].get("eval_k", 8)
+        rows.append([name, method_label(f[0]["config"]), str(len(runs)),
                      f"{col('entropy_start10', '.3f')} -> {col('entropy_end10', '.3f')}", col("dh_total", "+.2f"),
                      col("drop", ".4f"), f"{col('min_z_b', '.2f')} / {col('min_z_v', '.2f')}",
                      col("reward_end", ".3f"), f"{col('greedy_first', '.3f')} -> {col('greedy_last', '.3f')}",
@@ -103,7 +104,7 @@ def seeds(paths: list[str]) -> None:
     for p in map(Path, paths):
         f = figures(p)
         all_f.append(f)
-        seed = load_run(p).config.get("seed")
+        seed = f["config"].get("seed")
         rows.append([str(seed), f"{f['ws_steps']:.0f}", f"{f['ws_seconds']:.0f}", f"{f['ws_acc']:.3f}",
                      f"{f['wall_s']:.0f}", f"{f['greedy_first']:.3f} -> {f['greedy_last']:.3f}",
                      f"{f['greedy_last'] - f['greedy_first']:+.3f}",

@@ -61,8 +61,7 @@ class MixedGroups(Sampler):
         for g, prompt in enumerate(prompts):
             built[g * n] = encode(self.answer_of(prompt))
             built[g * n + 1] = encode(self.wrong)
-        B, T = roll.completion_ids.shape
-        T = max([T] + [len(ids) for ids in built.values()])
+        T = max([roll.completion_ids.shape[1]] + [len(ids) for ids in built.values()])
         ids = torch.nn.functional.pad(roll.completion_ids, (0, T - roll.completion_ids.shape[1]), value=pad)
         mask = torch.nn.functional.pad(roll.completion_mask, (0, T - roll.completion_mask.shape[1]), value=0)
         completions = list(roll.completions)
