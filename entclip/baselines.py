@@ -21,8 +21,9 @@ from entclip.losses import _per_token, aggregate
 
 
 def _count(frac: float, n: int) -> int:
-    """max(1, floor(frac * n)); rounding first keeps 0.29 * 100 = 28.999999999999996 at 29."""
-    return max(1, math.floor(round(frac * n, 6)))
+    """max(1, int(frac * n)), as verl and the Clip-Cov / KL-Cov authors count (so 0.29 * 100 =
+    28.999999999999996 gives 28, exactly as there)."""
+    return max(1, int(frac * n))
 
 
 def _check_frac(name: str, value: float, hint: str = "") -> None:
@@ -54,55 +55,71 @@ def dual_clip(
     return torch.where(active, bound, loss), active
 
 
-def entropy_bonus_term(
-    entropy: torch.Tensor, mask: torch.Tensor, coef: float, mode: str = "token-mean",
-    constant: float | None = None, denominator: float | None = None,
-) -> torch.Tensor:
-    """coef * aggregate(H): the entropy bonus (THEORY.md), a scalar to SUBTRACT from the loss.
+def entropy_bonus_term(entropy: torch.Tensor, mask: torch.Tensor, coef: float, parts: int = 1) -> torch.Tensor:
+    """coef * mean H over `mask`, / parts: the entropy bonus (THEORY.md), a scalar to SUBTRACT from the loss.
 
-    entropy: (B, T) differentiable H per position (theory.token_entropy); mask: (B, T). The gradient
-    flows through H, so minimizing loss - term raises entropy when coef > 0. Aggregated like the
-    policy loss (losses.aggregate modes), so the bonus weighs tokens the same way.
+    entropy: (b, T) differentiable H per position (theory.token_entropy); mask: (b, T) the tokens it
+    acts on. As TRL's GRPOTrainer: the mean per-token entropy of one micro-batch, whatever the policy
+    loss's aggregation, divided by the micro-batches accumulated into one update (`parts`). The
+    gradient flows through H, so minimizing loss - term raises entropy when coef > 0.
     """
-    return coef * aggregate(entropy, mask, mode, constant, denominator)
+    m = mask.to(entropy.dtype)
+    return coef * (entropy * m).sum() / m.sum().clamp(min=1.0) / parts
 
 
-def adapt_entropy_coef(
-    coef: float, entropy_now: float, target: float, delta: float, c_min: float = 0.0, c_max: float = 1.0
-) -> float:
-    """One step of adaptive entropy control (Skywork-OR1, arXiv 2505.22312): the new coefficient.
+def adapt_entropy_coef(coef: float, entropy_now: float, target: float, delta: float,
+                       c_min: float = 0.0, c_max: float = 1.0) -> float:
+    """One step of adaptive entropy control (Skywork-OR1, arXiv 2505.22312, as TRL): the new coefficient.
 
-    coef + delta when entropy_now < target, coef - delta when entropy_now > target, unchanged when
-    equal; then clamped to [c_min, c_max]. entropy_now: the batch's mean token entropy (nats).
+    entropy_now at or below the target: min(coef + delta, c_max); above: max(coef - delta, c_min).
+    entropy_now: the mean token entropy of the update's training forward (nats). The engine applies
+    the coefficient only while the last measured entropy is at or below the target (`bonus_coef`).
     """
     if delta < 0 or c_min > c_max:
         raise ValueError(f"adaptive entropy: need delta >= 0, c_min <= c_max (got {delta}, {c_min}, {c_max})")
-    step = delta if entropy_now < target else -delta if entropy_now > target else 0.0
-    return min(max(coef + step, c_min), c_max)
+    return min(coef + delta, c_max) if entropy_now <= target else max(coef - delta, c_min)
+
+
+def bonus_coef(coef: float, last_entropy: float, target: float | None) -> float:
+    """The coefficient an update applies: coef for a static bonus (target None); for the adaptive one,
+    coef while the entropy measured at the previous update is at or below the target, else 0 (TRL:
+    the first update, with no measurement yet, applies none)."""
+    return coef if target is None or last_entropy <= target else 0.0
 
 
 # ---------------------------------------------------------------- token selections
 
 
+def quantile_linear(values: torch.Tensor, q: float) -> torch.Tensor:
+    """torch.quantile(values, q) (linear interpolation) for a 1-D tensor, without its 2**24 size limit.
+
+    Same arithmetic as torch's: rank = q * (n - 1) in the values' dtype, the order statistics below
+    and above it, torch.lerp between them by the rank's fraction. Returns a 0-d tensor.
+    """
+    n = values.numel()
+    rank = torch.tensor(q, dtype=values.dtype, device=values.device) * (n - 1)
+    lo, hi = int(rank.floor()), int(rank.ceil())
+    v_lo = torch.kthvalue(values, lo + 1).values
+    v_hi = v_lo if hi == lo else torch.kthvalue(values, hi + 1).values
+    return torch.lerp(v_lo, v_hi, rank - lo)
+
+
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, rho: float = 0.2) -> torch.Tensor:
     """Keep-mask of the high-entropy minority (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939).
 
-    entropy, mask: (B, T). Keeps valid tokens with H >= tau, tau = the k-th largest H among the n
-    valid tokens, k = max(1, ceil(rho n)): the (1 - rho) quantile taken as an order statistic, so at
-    least a share rho is kept; ties at tau are all kept (all-equal H keeps every token). Linear
-    interpolation (torch.quantile) can keep one token fewer, and torch.quantile refuses inputs over
-    2**24 elements, so it is not used. Padding never enters tau and is never kept. (B, T) bool.
+    entropy, mask: (B, T). As TRL's `top_entropy_quantile` (GRPOTrainer.get_high_entropy_mask): tau =
+    the (1 - rho) quantile of H over the valid tokens with linear interpolation (torch.quantile's),
+    keep valid tokens with H >= tau; ties at tau are all kept. Padding never enters tau and is never
+    kept. The engine calls it per micro-batch on the current forward's H (filter_scope=micro), with
+    the micro-batches of all processes gathered, as TRL does. Returns (B, T) bool.
     """
     _check_frac("rho", rho, "; 0.2 keeps the top 20%")
     valid = mask.bool()
     h = entropy.detach().float()  # (B, T)
     vals = h[valid]  # (n,)
-    n = vals.numel()
-    if n == 0:
+    if vals.numel() == 0:
         return valid.clone()
-    k = max(1, math.ceil(round(rho * n, 6)))
-    tau = torch.kthvalue(vals, n - k + 1).values  # k-th largest
-    return valid & (h >= tau)
+    return valid & (h >= quantile_linear(vals, 1.0 - rho))
 
 
 def token_covariance(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,15 +148,16 @@ def clip_cov_mask(
     ub: float = 5.0,
     exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Clip-Cov keep-mask (Cui et al. 2025, arXiv 2505.22617, Sec. 4 "Clip-Cov").
+    """Clip-Cov keep-mask (Cui et al. 2025, arXiv 2505.22617, Sec. 4 "Clip-Cov"; verl compute_policy_loss_clip_cov).
 
-    Candidates: valid tokens with lb < Cov_t < ub (strict; `token_covariance`), minus `exclude`
-    ((B, T) bool). The authors exclude tokens the PPO ratio clip already clipped: pass
-    clipped_low | clipped_high to match. K = min(max(1, floor(frac * n_valid)), n_candidates) of them
-    are drawn uniformly without replacement (torch.randperm on `generator`: a seeded generator
-    reproduces the draw) and dropped. frac is a fraction (the authors' clip_ratio=2e-4).
+    Candidates: valid tokens with lb < Cov_t < ub (strict; `token_covariance` over the tensors passed
+    in), minus `exclude` ((B, T) bool: pass the ratio-clipped tokens, clipped_low | clipped_high, as
+    the references exclude them). K = min(max(1, int(frac * n_valid)), n_candidates) of them are
+    drawn uniformly without replacement (torch.randperm over the candidates in row-major order, on
+    `generator`) and dropped. frac is a fraction (the authors' clip_ratio=2e-4). The references call
+    this per micro-batch of every update with the current log p (the engine's filter_scope=micro).
     Returns keep (B, T) bool = valid and not drawn; no candidates: every valid token. A dropped token
-    still counts in the denominator, as the authors zero its loss: aggregate(loss * keep, mask).
+    is detached, not removed: its policy term is zeroed and it still counts in the normalizer.
     """
     _check_frac("frac", frac, "; Clip-Cov's published 2e-4 is already a fraction")
     valid = mask.bool()

@@ -144,6 +144,7 @@ def train(
             return
         cfg = resolve(preset=preset, config_file=config, flags=flags, sets=set_)
         _check_task(cfg)
+        _warn_inert(cfg)
         path = _run_path(cfg)
         if dry_run:
             typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + _plan(cfg, path))
@@ -262,7 +263,7 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
     preset_list = _split(presets, "presets") if presets is not None else ["none"]
     base = resolve(config_file=config, flags={**flags, "name": None}, sets=sets)
     group = Path(base.out_dir) / (flags.get("name") or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
-    plan = []
+    plan, seen = [], set()
     for p in preset_list:
         for seed in seed_list:
             seed = base.seed if seed is None else seed
@@ -271,6 +272,7 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
                           flags={**flags, "seed": seed, "out_dir": str(group), "name": f"{label}-s{seed}"},
                           sets=sets)
             _check_task(cfg)
+            _warn_inert(cfg, seen)
             plan.append(cfg)
     for cfg in plan:  # refuse before any run starts
         path = Path(cfg.out_dir) / cfg.name
@@ -290,6 +292,17 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
         with Progress(cfg.steps, quiet=quiet, log_every=cfg.log_every) as progress:
             run_train(cfg, run, log=progress.log, on_step=progress.step)
     typer.echo(str(group) if quiet else f"sweep done: {group}  (entclip compare {group})")
+
+
+def _warn_inert(cfg, seen: set[str] | None = None) -> None:
+    """Print each setting that changes nothing in `cfg` (config.inert_settings), once."""
+    from entclip.config import inert_settings
+
+    for line in inert_settings(cfg):
+        if seen is None or line not in seen:
+            _stderr().print(f"[yellow]warning:[/yellow] {line}", soft_wrap=True)
+            if seen is not None:
+                seen.add(line)
 
 
 def _check_task(cfg) -> None:
@@ -516,9 +529,13 @@ def predict_entropy(
         if config is None and model and (Path(model) / "config.yaml").exists():
             config = str(Path(model) / "config.yaml")  # a run directory: its own task and settings
         flags = dict(seed=seed, lr=lr, group_size=group_size)
-        # One step = one update on the whole batch of the given prompts.
+        # One step = one update on the whole batch of the given prompts; a filter selects once over the
+        # batch, as a first update would (high_entropy / clip_cov do so in every micro-batch in training).
         sets = [*set_, "minibatches=1", "epochs=1"]
         cfg = resolve(preset=preset, config_file=config, flags=flags, sets=sets)
+        if cfg.scope == "micro":
+            sets.append("filter_scope=rollout")
+            cfg = resolve(preset=preset, config_file=config, flags=flags, sets=sets)
         if position is not None:
             _explain_position(cfg, model_path, position, console, top, as_json)
             return
@@ -528,6 +545,7 @@ def predict_entropy(
         problems = load_problems(prompts, task.train, n_prompts, cfg.seed, prompt_field, answer_field, split)
         cfg = resolve(preset=preset, config_file=config, flags=flags,
                       sets=[*sets, f"prompts_per_step={len(problems)}"])
+        _warn_inert(cfg)
         pred = predict(cfg, model_path, problems, apply, log=lambda s: None)
         if out is not None:
             from entclip.rundir import write_atomic

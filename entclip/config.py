@@ -120,6 +120,14 @@ class Config:
     filter_target_dh: float | None = _f(None, "Clip_B/Clip_V adaptive mu: reach this lr-free predicted entropy change (mean per valid token)")
     adaptive_mu_min: float = _f(0.0, "adaptive mu: lower clamp")
     adaptive_mu_max: float = _f(20.0, "adaptive mu: upper clamp")
+    filter_normalizer: Literal["auto", "kept", "all"] = _f(
+        "auto", "what a token filter's dropped tokens leave: kept = the loss, its normalizer, the KL and the "
+        "entropy bonus (Trinity-RFT: Clip_B, Clip_V, sign); all = only their policy term, the normalizer "
+        "and KL keep every valid token (TRL 80/20, verl Clip-Cov); auto = the method's reference")
+    filter_scope: Literal["auto", "rollout", "micro"] = _f(
+        "auto", "when high_entropy / clip_cov select: micro = in every micro-batch of every update from the "
+        "current forward (TRL, verl); rollout = once per rollout batch before the first update; auto = micro "
+        "for those two, rollout for Clip_B / Clip_V / sign (their references select there)")
     high_entropy_rho: float = _f(0.2, "high_entropy: keep the top rho fraction of tokens by entropy")
     cov_frac: float = _f(2e-4, "clip_cov: fraction (not percent) of valid tokens detached, drawn from the band")
     cov_lb: float = _f(1.0, "clip_cov: lower bound of the covariance band")
@@ -129,11 +137,18 @@ class Config:
     steer_w_max: float = _f(1.2, "steer: weight of the token with the smallest |Omega|")
     steer_w_min: float = _f(0.8, "steer: weight of the token with the largest |Omega|")
     dual_clip_c: float | None = _f(None, "dual clip for A < 0: loss <= -c A (e.g. 3.0; null = off)")
-    entropy_coef: float = _f(0.0, "entropy bonus: loss -= coef * mean H (gradient through H)")
-    entropy_target: float | None = _f(None, "adaptive entropy bonus: move coef toward this batch entropy")
-    entropy_coef_delta: float = _f(5e-4, "adaptive entropy bonus: step of coef per training step")
-    entropy_coef_max: float = _f(0.05, "adaptive entropy bonus: upper clamp of coef (lower is 0)")
-    sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens with S* - E_p[S] > 0 (pos) or < 0 (neg)")
+    entropy_coef: float = _f(0.0, "entropy bonus: loss -= coef * mean H over each micro-batch (gradient "
+                             "through H; as TRL); with entropy_target, the starting coefficient")
+    entropy_target: float | None = _f(None, "adaptive entropy bonus (Skywork-OR1, as TRL): after each optimizer "
+                                      "update coef rises by entropy_coef_delta while the update's entropy is at "
+                                      "or below this target and falls otherwise; applied only at or below it")
+    entropy_coef_delta: float = _f(5e-4, "adaptive entropy bonus: step of coef per optimizer update")
+    entropy_coef_min: float = _f(0.0, "adaptive entropy bonus: lower clamp of coef")
+    entropy_coef_max: float = _f(0.05, "adaptive entropy bonus: upper clamp of coef")
+    sign_statistic: Literal["s_star", "deviation"] = _f(
+        "s_star", "sign intervention: the sign of S* (Theorem 3.2, as the paper's sources describe the test) "
+        "or of S* - E_p[S] (deviation, Theorem 3.3)")
+    sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens whose statistic is > 0 (pos) or < 0 (neg)")
     sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
     accounting_every: int = _f(1, "entropy accounting cadence in steps (raise it for large models)")
@@ -163,6 +178,20 @@ class Config:
     def filter_mu(self) -> float:
         return self.clip_v_mu if self.entropy_control == "clip_v" else self.clip_b_mu
 
+    @property
+    def normalizer(self) -> str:
+        """What a filter's dropped tokens leave: "kept" (everything) or "all" (the policy term only)."""
+        if self.filter_normalizer != "auto":
+            return self.filter_normalizer
+        return "all" if self.entropy_control in MICRO_FILTERS else "kept"
+
+    @property
+    def scope(self) -> str:
+        """When the filter selects: "rollout" (once per rollout batch) or "micro" (every micro-batch)."""
+        if self.filter_scope != "auto":
+            return self.filter_scope
+        return "micro" if self.entropy_control in MICRO_FILTERS else "rollout"
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["eval_sets"] = [dict(e) for e in self.eval_sets]  # YAML-safe lists, not tuples
@@ -173,6 +202,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Token filters (keep-masks) and the two whose references select per micro-batch of every update.
+FILTERS = ("clip_b", "clip_v", "sign", "high_entropy", "clip_cov")
+MICRO_FILTERS = ("high_entropy", "clip_cov")
 
 
 def _need(ok: bool, message: str) -> None:
@@ -226,8 +258,19 @@ def _validate(c: Config) -> None:
     _need(c.cov_lb < c.cov_ub, f"cov_lb={c.cov_lb} must be below cov_ub={c.cov_ub}")
     _need(c.steer_w_min <= c.steer_w_max, "steer_w_min must not exceed steer_w_max")
     _need(c.dual_clip_c is None or c.dual_clip_c > 1, f"dual_clip_c={c.dual_clip_c}: must be > 1 (e.g. 3.0)")
-    _need(c.entropy_coef >= 0 and c.entropy_coef_delta >= 0 and c.entropy_coef_max >= 0,
-          "entropy_coef, entropy_coef_delta and entropy_coef_max must not be negative")
+    _need(c.entropy_coef >= 0 and c.entropy_coef_delta >= 0 and c.entropy_coef_min >= 0,
+          "entropy_coef, entropy_coef_delta and entropy_coef_min must not be negative")
+    _need(c.entropy_coef_min <= c.entropy_coef_max,
+          f"entropy_coef_min={c.entropy_coef_min} is above entropy_coef_max={c.entropy_coef_max}; lower the min")
+    _need(c.filter_scope != "micro" or c.entropy_control in MICRO_FILTERS,
+          f"filter_scope=micro: only high_entropy and clip_cov select per micro-batch; {c.entropy_control} "
+          "selects once per rollout batch as its reference does; drop filter_scope or set it to auto")
+    _need(c.scope != "micro" or c.normalizer == "all",
+          "filter_scope=micro with filter_normalizer=kept: the minibatch's normalizer would depend on "
+          "selections not made yet; use filter_normalizer=all (the references' choice) or filter_scope=rollout")
+    _need(not (c.log_filter and c.scope == "micro"),
+          f"log_filter records one keep-mask per step, but {c.entropy_control} selects in every micro-batch "
+          "(filter_scope=micro); set --set filter_scope=rollout to log it, or drop log_filter")
     for name in ["micro_batch_size", "generation_batch_size", "max_train_prompts"]:
         value = getattr(c, name)
         _need(value is None or value >= 1, f"{name}={value}: must be at least 1 or null")
@@ -241,6 +284,67 @@ def _validate(c: Config) -> None:
           f"precision={c.precision} is for GPU models; the built-in tiny model trains in fp32")
     _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
           f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
+
+
+# Keys that only some methods read: key -> the entropy_control values that use it.
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "clip_b_mu": ("clip_b",), "clip_v_mu": ("clip_v",), "clip_v_max_frac": ("clip_v",),
+    "filter_rule": ("clip_b", "clip_v"), "filter_target_share": ("clip_b", "clip_v"),
+    "filter_target_dh": ("clip_b", "clip_v"), "filter_normalizer": FILTERS, "filter_scope": FILTERS,
+    "high_entropy_rho": ("high_entropy",), "cov_frac": ("clip_cov",), "cov_lb": ("clip_cov",),
+    "cov_ub": ("clip_cov",), "kl_cov_frac": ("kl_cov",), "kl_cov_beta": ("kl_cov",),
+    "steer_w_max": ("steer",), "steer_w_min": ("steer",), "sign_statistic": ("sign",),
+    "sign_deviation": ("sign",), "sign_samples": ("sign",),
+}
+
+
+def inert_settings(c: Config) -> list[str]:
+    """One line per setting that changes nothing in this config: a key the chosen method does not
+    read, or one another key overrides. Not errors: presets layer, and a sweep may switch the method
+    under a preset's keys. `entclip train`, sweeps and `predict-entropy` print them as warnings."""
+    out = []
+
+    def changed(name: str) -> bool:
+        return getattr(c, name) != FIELDS[name].default
+
+    method = c.entropy_control
+    for name, users in METHOD_KEYS.items():
+        if changed(name) and method not in users:
+            out.append(f"{name}={getattr(c, name)} has no effect with entropy_control={method} "
+                       f"(it is read by {', '.join(users)})")
+    target = "filter_target_share" if c.filter_target_share is not None else (
+        "filter_target_dh" if c.filter_target_dh is not None else None)
+    if target and method in ("clip_b", "clip_v"):
+        mu = "clip_v_mu" if method == "clip_v" else "clip_b_mu"
+        if changed(mu):
+            out.append(f"{mu}={getattr(c, mu)} has no effect: {target} chooses mu each step")
+        if method == "clip_v" and c.clip_v_max_frac is not None:
+            out.append(f"clip_v_max_frac={c.clip_v_max_frac} is not applied: {target} sets the dropped share "
+                       "itself (set clip_v_max_frac: null to say so)")
+    elif any(changed(k) for k in ("adaptive_mu_min", "adaptive_mu_max")):
+        out.append("adaptive_mu_min / adaptive_mu_max have no effect without filter_target_share or "
+                   "filter_target_dh (and entropy_control clip_b or clip_v)")
+    if c.entropy_target is None:
+        out += [f"{k}={getattr(c, k)} has no effect without entropy_target (the adaptive bonus)"
+                for k in ("entropy_coef_delta", "entropy_coef_min", "entropy_coef_max") if changed(k)]
+    if method == "kl_cov":
+        out += [f"{k}={getattr(c, k)} has no effect with kl_cov: KL-Cov has no ratio clip"
+                for k in ("eps_low", "eps_high") if changed(k)]
+    if method == "steer" and c.dual_clip_c is None:
+        out.append("entropy_control=steer without dual_clip_c: STEER's reference applies dual clip (c=3) "
+                   "before weighting; set dual_clip_c: 3.0 (--preset steer does)")
+    if changed("loss_agg_constant") and c.loss_agg != "constant":
+        out.append(f"loss_agg_constant={c.loss_agg_constant} has no effect with loss_agg={c.loss_agg}")
+    if changed("accounting_every") and not c.entropy_accounting:
+        out.append(f"accounting_every={c.accounting_every} has no effect with entropy_accounting=false")
+    if c.model != "tiny":
+        out += [f"{k}={getattr(c, k)} has no effect: it sets the built-in tiny model, and model={c.model}"
+                for k in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_lr",
+                          "warmup_max_steps", "warmup_target_acc") if changed(k)]
+    if c.dataset:
+        out += [f"{k}={getattr(c, k)} has no effect: it sets the built-in task, and dataset={c.dataset}"
+                for k in ("max_operand", "n_test") if changed(k)]
+    return out
 
 
 # ---- parsing values ----------------------------------------------------------------------

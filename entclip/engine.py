@@ -3,7 +3,8 @@
 `Trainer.step(i)` = one rollout batch (prompts_per_step x group_size sequences, split over the
 processes) and its `epochs x minibatches` optimizer updates; it appends the step's row to
 metrics.jsonl (and samples.jsonl, filter.jsonl) and returns it. Everything computed once per rollout
-batch - old log-probs, token statistics, the filter's keep-mask - is taken before the first update.
+batch - old log-probs, token statistics, a rollout-scope filter's keep-mask - is taken before the
+first update; micro-batch-scope filters (high_entropy, clip_cov) select inside each update.
 accelerate owns the device, the wrapped model/optimizer and the backward pass; figures over all
 processes come from parallel.py; the run around the steps is loop.train (also `engine.train`).
 
@@ -133,7 +134,8 @@ class Trainer:
         self.nonfinite_total = 0  # updates skipped for a non-finite loss or gradient, whole run
         self.nonfinite_streak = 0  # ... in a row, up to now
         self.stop_requested = False  # set by Ctrl-C: stop after the current step
-        self.entropy_coef = cfg.entropy_coef  # adapted per step when entropy_target is set
+        self.entropy_coef = cfg.entropy_coef  # adapted per optimizer update when entropy_target is set
+        self.last_entropy = math.inf  # the adaptive bonus's last measured entropy (none yet: not applied)
         self._first = None  # (rows, logits with graph) of the stats pass's first micro-batch
         self.reward_metrics: dict[str, float] = {}
         self._reward_error_logged = False
@@ -280,29 +282,35 @@ class Trainer:
         return (torch.cat(parts) if keep_logits else None), parallel.global_sum(self.accelerator, h_sum) / n_valid
 
     def update(self, step: int, roll: Rollout, stats: BatchStats, adv_tok: torch.Tensor,
-               loss_mask: torch.Tensor, epochs: list[list[torch.Tensor]],
+               keep: torch.Tensor, epochs: list[list[torch.Tensor]],
                account: StepAccount | None = None) -> dict[str, float]:
         """One optimizer update per minibatch of `epochs`; returns update metrics averaged over them.
 
-        A minibatch is this process's rows of it on every process; its loss is aggregated over all
-        of them (micro-batches and processes), so gradients equal one process's on the whole batch.
+        `keep` (B, T): the rollout-scope filter's keep-mask (every valid token when the method selects
+        per micro-batch, objective.micro_filter). A minibatch is this process's rows of it on every
+        process; its loss is aggregated over all of them (micro-batches and processes), so gradients
+        equal one process's on the whole batch.
         """
         cfg, T = self.cfg, roll.completion_ids.shape[1]
         ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-        n_proc = self.accelerator.num_processes
+        n_proc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        norm_all = objective.loss_masks(cfg, mask, keep)[0]  # (B, T) the normalizer's tokens
         acc: dict[str, float] = {}
         n_updates = skipped = 0
         self.model.train()
-        bonus = self.entropy_coef > 0 or cfg.entropy_target is not None
-        for minibatches in epochs:
-            for micro in minibatches:
+        bonus_on = cfg.entropy_coef > 0 or cfg.entropy_target is not None
+        micro_scope = cfg.scope == "micro"
+        for e, minibatches in enumerate(epochs):
+            for i, micro in enumerate(minibatches):
                 # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
-                local = sum(float(loss_mask[m].sum()) if cfg.loss_agg == "token-mean" else float(len(m))
+                local = sum(float(norm_all[m].sum()) if cfg.loss_agg == "token-mean" else float(len(m))
                             for m in micro)
                 denom = max(parallel.global_sum(self.accelerator, local), 1.0)
+                coef = baselines.bonus_coef(self.entropy_coef, self.last_entropy, cfg.entropy_target)
                 row: dict[str, float] = {}
-                n_tok = n_kept = 0  # valid tokens (kl/ref) and tokens in the loss (the fractions)
+                n_tok = 0  # valid tokens (the fractions, kl/ref)
                 loss_sum = policy_sum = kl_sum = 0.0
+                h_sum = h_n = 0.0  # the bonus tokens' entropy, for the adaptive coefficient
                 saved = account.snapshot() if account is not None else None  # undone if skipped
                 for j, mrows in enumerate(micro):
                     # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
@@ -315,43 +323,51 @@ class Trainer:
                                 logits = completion_logits(self.model, ids[mrows], am[mrows], T)  # (b, T, V)
                         self._first = None
                         logp = theory.token_logp(logits, roll.completion_ids[mrows], cfg.temperature)
-                        m = loss_mask[mrows]
+                        m, adv, old = mask[mrows], adv_tok[mrows], stats.old_logp[mrows]
                         ent = (theory.token_entropy(logits, cfg.temperature)
-                               if bonus or cfg.entropy_control == "steer" else None)
-                        terms = objective.token_terms(cfg, logp, stats.old_logp[mrows], adv_tok[mrows],
+                               if bonus_on or cfg.entropy_control == "steer"
+                               or (micro_scope and cfg.entropy_control == "high_entropy") else None)
+                        k = keep[mrows]
+                        if micro_scope:
+                            gen = torch.Generator().manual_seed(  # on the CPU: the same draw on any device
+                                derive_seed(cfg.seed, cfg.entropy_control, step, e, i, j, rank))
+                            k = objective.micro_filter(cfg, self.accelerator, logp, ent, old, adv, m, gen)
+                            for key, v in objective.filter_stats(k, m, adv).items():
+                                row[key] = row.get(key, 0.0) + v * float(m.sum())
+                        norm, bonus_mask = objective.loss_masks(cfg, m, k)
+                        terms = objective.token_terms(cfg, logp, old, adv,
                                                       None if stats.ref_logp is None else stats.ref_logp[mrows],
-                                                      None if ent is None else ent.detach(), m)
-                        loss = losses.aggregate(terms.loss, m, cfg.loss_agg, cfg.agg_constant, denom)
-                        if self.entropy_coef > 0:
-                            loss = loss - baselines.entropy_bonus_term(ent, m, self.entropy_coef, cfg.loss_agg,
-                                                                       cfg.agg_constant, denom)
+                                                      None if ent is None else ent.detach(), m, k)
+                        loss = losses.aggregate(terms.loss, norm, cfg.loss_agg, cfg.agg_constant, denom)
+                        if bonus_on:
+                            if coef > 0:
+                                loss = loss - baselines.entropy_bonus_term(ent, bonus_mask, coef, len(micro) * n_proc)
+                            h_sum += float((ent.detach() * bonus_mask).sum())
+                            h_n += float(bonus_mask.sum())
                         self.accelerator.backward(loss * n_proc)  # DDP averages over processes
                     if account is not None:
                         t_acc = time.perf_counter()
-                        w = loss_weights(m, cfg.loss_agg, cfg.agg_constant, denom)
-                        account.add_update(mrows, logits, roll.completion_ids[mrows], adv_tok[mrows],
-                                           terms.ratio, terms.zero_grad, m,
+                        w = loss_weights(norm, cfg.loss_agg, cfg.agg_constant, denom)
+                        account.add_update(mrows, logits, roll.completion_ids[mrows], adv,
+                                           terms.ratio, terms.zero_grad, m * k,
                                            w if terms.weights is None else w * terms.weights,
                                            self.sched.get_last_lr()[0], cfg.temperature)
                         self.accounting_s += time.perf_counter() - t_acc
-                    valid = mask[mrows].bool()
-                    n = int(valid.sum())
+                    n = int(m.sum())
                     loss_sum += loss.item()
-                    policy_sum += losses.aggregate(terms.surrogate.detach(), m, cfg.loss_agg,
-                                                   cfg.agg_constant, denom).item()
-                    kl_sum += float((terms.kl.detach() * valid).sum())
-                    kept = int(m.bool().sum())
-                    for k, v in terms.stats.items():  # fractions of the micro-batch's tokens in the loss
-                        row[k] = (min(row.get(k, v), v) if k.endswith("_min") else max(row.get(k, v), v)
-                                  if k.endswith("_max") else row.get(k, 0.0) + v * kept)
+                    policy_sum += losses.aggregate(torch.where(k.bool(), terms.surrogate.detach(), 0.0), norm,
+                                                   cfg.loss_agg, cfg.agg_constant, denom).item()
+                    kl_sum += float((terms.kl.detach() * m).sum())
+                    for key, v in terms.stats.items():  # fractions of the micro-batch's valid tokens
+                        row[key] = (min(row.get(key, v), v) if key.endswith("_min") else max(row.get(key, v), v)
+                                    if key.endswith("_max") else row.get(key, 0.0) + v * n)
                     n_tok += n
-                    n_kept += kept
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
-                row = {k: v if k.endswith(("_min", "_max")) else v / max(n_kept, 1) for k, v in row.items()}
+                row = {k: v if k.endswith(("_min", "_max")) else v / max(n_tok, 1) for k, v in row.items()}
                 row.update({"loss/total": loss_sum * n_proc, "loss/policy": policy_sum * n_proc,
                             "kl/ref": kl_sum / max(n_tok, 1), "grad/norm": float(grad_norm)})
-                row = parallel.reduce_update(self.accelerator, row, n_tok, n_kept)
+                row = parallel.reduce_update(self.accelerator, row, n_tok)
                 if not (math.isfinite(row["loss/total"]) and math.isfinite(float(grad_norm))):
                     # Skip the update (parameters and optimizer state untouched), count it.
                     self.opt.zero_grad(set_to_none=True)
@@ -367,6 +383,12 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
+                if cfg.entropy_target is not None:  # adaptive bonus: once per optimizer update, as TRL
+                    h = parallel.global_sum(self.accelerator, h_sum) / max(parallel.global_sum(self.accelerator, h_n), 1.0)
+                    self.entropy_coef = baselines.adapt_entropy_coef(
+                        self.entropy_coef, h, cfg.entropy_target, cfg.entropy_coef_delta, cfg.entropy_coef_min,
+                        cfg.entropy_coef_max)
+                    self.last_entropy = h
                 for k, v in row.items():
                     acc[k] = acc.get(k, 0.0) + v
                 n_updates += 1
@@ -408,14 +430,12 @@ class Trainer:
         t_stats = time.perf_counter() - t_stats
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", step))
         keep, filt = objective.batch_filter(cfg, self.accelerator, stats, adv_tok, mask, gen)
-        # A filtered token leaves the loss entirely: its term and its share of the normalizer.
-        loss_mask = mask * keep
         if cfg.log_filter:  # every sequence of the step, its tokens and dropped positions
             rows = parallel.filter_rows(self.accelerator, step, roll.completion_ids, keep, mask, self.row_ids)
             if self.accelerator.is_main_process and self.run_dir is not None:
                 for row in rows:
                     self.run_dir.append("filter.jsonl", row)
-        upd = self.update(step, roll, stats, adv_tok, loss_mask, epochs, account)
+        upd = self.update(step, roll, stats, adv_tok, keep, epochs, account)
         self.sampler.sync_weights(self.policy)
         acct: dict[str, float] = {}
         if account is not None:
@@ -429,12 +449,8 @@ class Trainer:
             acct["perf/accounting_s"] = self.accounting_s
         rollout_metrics = parallel.rollout_metrics(self.accelerator, cfg.group_size, rewards, correct, stats, mask,
                                                    self.reward_metrics)
-        if cfg.entropy_target is not None:  # adaptive bonus: move toward the target entropy
-            self.entropy_coef = baselines.adapt_entropy_coef(self.entropy_coef, rollout_metrics["entropy/mean"],
-                                                             cfg.entropy_target, cfg.entropy_coef_delta, 0.0,
-                                                             cfg.entropy_coef_max)
         if self.entropy_coef > 0 or cfg.entropy_target is not None:
-            acct["entropy/bonus_coef"] = self.entropy_coef
+            acct["entropy/bonus_coef"] = self.entropy_coef  # after the step's updates
         elapsed = time.perf_counter() - t0
         n_tokens = parallel.global_sum(self.accelerator, roll.n_tokens)
         metrics = {"step": step, **rollout_metrics, **filt, **upd, **acct,

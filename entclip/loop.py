@@ -7,6 +7,8 @@ the configured cadence, and ends with summary.json (status completed, interrupte
 
 from __future__ import annotations
 
+import math
+
 import random
 import time
 from pathlib import Path
@@ -133,7 +135,7 @@ def save(trainer: Trainer, step: int, wall_s: float) -> Path:
         state = {"format": 1, "step": step, "wall_s": wall_s, "optimizer": trainer.opt.state_dict(),
                  "scheduler": trainer.sched.state_dict(), "rng": _rng_state(),
                  "nonfinite_total": trainer.nonfinite_total, "warm_start": trainer.warm_start,
-                 "entropy_coef": trainer.entropy_coef}
+                 "entropy_coef": trainer.entropy_coef, "last_entropy": trainer.last_entropy}
         save_checkpoint(final, trainer.policy, trainer.tokenizer, state, trainer.cfg.keep_checkpoints)
     trainer.accelerator.wait_for_everyone()
     return final
@@ -150,6 +152,7 @@ def restore(trainer: Trainer, ckpt: Path) -> dict[str, Any]:
     _set_rng_state(state["rng"])
     trainer.nonfinite_total = state["nonfinite_total"]
     trainer.entropy_coef = state["entropy_coef"]
+    trainer.last_entropy = state.get("last_entropy", math.inf)  # absent in checkpoints before 0.x
     trainer.warm_start = state["warm_start"]
     return state
 

@@ -181,8 +181,11 @@ def _keep(
     mu_low: float | None,
     mu_high: float | None,
     max_frac: float | None,
+    adv_neg: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The keep-mask both filters share (THEORY.md, "Two readings"). penalized: (B, T) bool."""
+    """The keep-mask both filters share (THEORY.md, "Two readings"). penalized: (B, T) bool.
+
+    adv_neg (B, T) bool, A < 0: only Clip_V's cap (`max_frac`) needs it."""
     if rule not in _RULES:
         raise ValueError(f"unknown clip rule {rule!r}: use 'released' or 'paper'")
     if rule == "released" and (mu_low is not None or mu_high is not None):
@@ -197,14 +200,27 @@ def _keep(
     # Reading 2: drop penalized tokens far below the centre; they lower entropy the most.
     drop = valid & penalized & (x < -mu * sigma)  # (B, T)
     if max_frac is not None:
-        cap = max(math.floor(max_frac * int(valid.sum())), 1)
-        if int(drop.sum()) > cap:
-            # Keep only the `cap` most negative violators in the drop set.
-            scores = torch.where(drop, x, math.inf).flatten()
-            chosen = torch.zeros_like(drop).flatten()
-            chosen[torch.topk(scores, cap, largest=False).indices] = True
-            drop = chosen.view_as(drop)
+        drop = _cap(drop, x, adv_neg, max_frac, int(valid.sum()))
     return valid & ~drop
+
+
+def _cap(drop: torch.Tensor, x: torch.Tensor, adv_neg: torch.Tensor, max_frac: float, n_valid: int) -> torch.Tensor:
+    """Clip_V's cap on the released rule's drop set, exactly as Trinity-RFT `clipv_advantage.py`.
+
+    K = max(floor(max_frac * n_valid), 1). The K slots go to the violators with A < 0 only, the most
+    negative x first; a violator with A = 0 is always dropped (it never competes for a slot), and when
+    at most K violators have A < 0 every violator is dropped. (The released code first checks
+    dropped / n_valid <= max_frac; that case never has more than K A < 0 violators, so it is the same.)
+    Ties at the K-th slot are broken as the released code breaks them: torch.topk over -x.
+    """
+    k = max(math.floor(max_frac * n_valid), 1)
+    neg = drop & adv_neg  # (B, T) the violators that compete for the K slots
+    if int(neg.sum()) <= k:
+        return drop
+    scores = (-x).masked_fill(~neg, -math.inf).flatten()
+    chosen = torch.zeros_like(neg).flatten()
+    chosen[torch.topk(scores, k, largest=True).indices] = True
+    return (drop & ~neg) | chosen.view_as(neg)
 
 
 def clip_b_mask(
@@ -245,14 +261,15 @@ def clip_v_mask(
     disc, baseline: (B, T) S* and E_p[S]; advantages: (B,) or (B, T); mask: (B, T). Returns (B, T)
     bool, never True on padding. x = S* - E_p[S]; sigma = population std of x over valid tokens; the
     threshold compares x itself, not x - mean(x) (Corollary 3.5: on-policy mean(x) ~ 0).
-    rule="released": keep tokens with A > 0; drop a token with A <= 0 iff x < -mu sigma, but at most
-    K = max(floor(max_frac * n_valid), 1) of them, the K with the most negative x (max_frac=None:
-    no cap). rule="paper": keep iff -mu_low sigma <= x <= mu_high sigma (each defaults to mu), any
-    A, no cap. sigma < 1e-12: keep every valid token.
+    rule="released": keep tokens with A > 0; drop a token with A <= 0 iff x < -mu sigma (a violator),
+    with the released cap (max_frac=None: no cap): when more than K = max(floor(max_frac * n_valid),
+    1) violators have A < 0, only the K of them with the most negative x are dropped; violators with
+    A = 0 are always dropped (Trinity-RFT `clipv_advantage.py`, `_cap`). rule="paper": keep iff
+    -mu_low sigma <= x <= mu_high sigma (each defaults to mu), any A, no cap. sigma < 1e-12: keep every valid token.
     """
     adv = _per_token(advantages, disc)
     x, sigma, valid = _deviation(disc, baseline, mask)
-    return _keep(x, sigma, valid, adv <= 0, mu, rule, mu_low, mu_high, max_frac=max_frac)
+    return _keep(x, sigma, valid, adv <= 0, mu, rule, mu_low, mu_high, max_frac=max_frac, adv_neg=adv < 0)
 
 
 def clip_b_z(disc: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -291,6 +308,9 @@ def filter_shares(keep: torch.Tensor, mask: torch.Tensor, advantages: torch.Tens
     return {"frac": share(valid), "frac_pos": share(valid & (adv > 0)), "frac_neg": share(valid & (adv < 0))}
 
 
+SIGN_STATISTICS = ("s_star", "deviation")
+
+
 def sign_mask(
     disc: torch.Tensor,
     baseline: torch.Tensor,
@@ -298,19 +318,24 @@ def sign_mask(
     mask: torch.Tensor,
     deviation: str = "pos",
     samples: str = "all",
+    statistic: str = "s_star",
 ) -> torch.Tensor:
-    """The sign intervention of the paper's check of Theorem 3.3: a (B, T) bool keep-mask.
+    """The sign intervention of the paper's entropy-dynamics check: a (B, T) bool keep-mask.
 
-    Keep valid tokens whose deviation S* - E_p[S] is > 0 (deviation="pos") or < 0 ("neg");
-    samples="pos" / "neg" also keeps only tokens with A > 0 / A < 0 ("all": any advantage).
-    Theorem 3.3 predicts: A > 0 with deviation > 0 lowers entropy, with deviation < 0 raises it;
-    A < 0 mirrors both.
+    statistic="s_star": the sign of S* itself (Theorem 3.2; how the paper's sources describe the test:
+    on positive samples keeping only S* > 0 lowers entropy); "deviation": the sign of S* - E_p[S]
+    (Theorem 3.3, the per-token first-order entropy change). Keep valid tokens whose statistic is > 0
+    (deviation="pos") or < 0 ("neg"); samples="pos" / "neg" also keeps only tokens with A > 0 / A < 0
+    ("all": any advantage). Predicted: A > 0 with statistic > 0 lowers entropy, < 0 raises it; A < 0
+    mirrors both.
     """
-    if deviation not in ("pos", "neg") or samples not in ("all", "pos", "neg"):
-        raise ValueError(f"sign_mask: deviation must be pos|neg and samples all|pos|neg, "
-                         f"got {deviation!r}, {samples!r}")
+    if deviation not in ("pos", "neg") or samples not in ("all", "pos", "neg") or statistic not in SIGN_STATISTICS:
+        raise ValueError(f"sign_mask: deviation must be pos|neg, samples all|pos|neg and statistic "
+                         f"s_star|deviation, got {deviation!r}, {samples!r}, {statistic!r}")
     adv = _per_token(advantages, disc)
-    x = disc.detach().float() - baseline.detach().float()  # (B, T)
+    x = disc.detach().float()  # (B, T)
+    if statistic == "deviation":
+        x = x - baseline.detach().float()
     keep = mask.bool() & ((x > 0) if deviation == "pos" else (x < 0))
     if samples == "pos":
         keep &= adv > 0

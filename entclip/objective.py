@@ -1,11 +1,15 @@
 """The one objective's configurable parts: which tokens train, how each is weighted, what is added.
 
-Two moments per rollout batch (the engine calls both):
+Each method follows a reference implementation (README, "Entropy control"):
 - `batch_filter`, once before the first update, over the whole training batch (gathered across
-  processes): a keep-mask from Clip_B / Clip_V (fixed or adaptive mu), the sign intervention,
-  high-entropy tokens (80/20) or Clip-Cov. Dropped tokens leave the loss.
-- `token_terms`, every update: the clipped surrogate (eps_low / eps_high, optional dual clip) or
-  KL-Cov's loss, STEER weights, the k3 KL to the reference and the entropy bonus.
+  processes): the keep-mask of Clip_B / Clip_V (fixed or adaptive mu) and the sign intervention
+  (Trinity-RFT selects in its advantage function), and of high-entropy tokens / Clip-Cov with
+  filter_scope=rollout.
+- `micro_filter`, in every micro-batch of every update from the current forward: high-entropy
+  tokens (TRL) and Clip-Cov (verl) with filter_scope=micro, their references' scope.
+- `token_terms`, every micro-batch: the clipped surrogate (eps_low / eps_high, optional dual clip)
+  or KL-Cov's loss, STEER weights, the keep-mask and the k3 KL to the reference.
+- `loss_masks`: which tokens the normalizer, the KL and the entropy bonus count (filter_normalizer).
 Metric names: `clip/filter_frac*` for any keep-mask, `clip/<method>_frac` for per-update selections.
 """
 
@@ -16,10 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from entclip import baselines, losses, theory
-from entclip.config import Config
+from entclip.config import FILTERS, Config  # noqa: F401  (FILTERS re-exported)
 from entclip.parallel import gather_rows
-
-FILTERS = ("clip_b", "clip_v", "sign", "high_entropy", "clip_cov")
 
 
 def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: torch.Tensor,
@@ -52,7 +54,9 @@ def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: t
         else:
             keep = losses.clip_v_mask(disc, base, adv, gmask, mu=mu, max_frac=max_frac, **kw)
     elif method == "sign":
-        keep = losses.sign_mask(disc, base, adv, gmask, cfg.sign_deviation, cfg.sign_samples)
+        keep = losses.sign_mask(disc, base, adv, gmask, cfg.sign_deviation, cfg.sign_samples, cfg.sign_statistic)
+    elif cfg.scope == "micro":  # selected in every micro-batch of every update instead (micro_filter)
+        keep = valid
     elif method == "high_entropy":
         keep = baselines.high_entropy_mask(g(stats.entropy), gmask, cfg.high_entropy_rho)
     elif method == "clip_cov":
@@ -61,19 +65,56 @@ def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: t
                                        lb=cfg.cov_lb, ub=cfg.cov_ub)
     else:
         keep = valid
-    shares = losses.filter_shares(keep, gmask, adv)
-    out.update({"clip/filter_frac": shares["frac"], "clip/filter_frac_pos": shares["frac_pos"],
-                "clip/filter_frac_neg": shares["frac_neg"]})
+    if cfg.scope == "rollout":  # micro-batch selections log their shares per update
+        out.update(filter_stats(keep, gmask, adv))
     rank, B = accelerator.process_index, mask.shape[0]
     return keep[rank * B:(rank + 1) * B, :mask.shape[1]], out
+
+
+def filter_stats(keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    shares = losses.filter_shares(keep, mask, adv)
+    return {"clip/filter_frac": shares["frac"], "clip/filter_frac_pos": shares["frac_pos"],
+            "clip/filter_frac_neg": shares["frac_neg"]}
+
+
+def micro_filter(cfg: Config, accelerator, logp: torch.Tensor, entropy: torch.Tensor, old_logp: torch.Tensor,
+                 adv: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Keep-mask (b, T) of a micro-batch-scope filter, from the current forward (filter_scope=micro).
+
+    high_entropy as TRL: the (1 - rho) entropy quantile over this micro-batch of every process
+    (gathered). clip_cov as verl: covariance over this process's micro-batch with the current log p,
+    ratio-clipped tokens excluded, the draw on `generator`.
+    """
+    if cfg.entropy_control == "high_entropy":
+        g = lambda t: gather_rows(accelerator, t)  # noqa: E731
+        keep = baselines.high_entropy_mask(g(entropy.detach()), g(mask), cfg.high_entropy_rho)
+        rank, b = accelerator.process_index, mask.shape[0]
+        return keep[rank * b:(rank + 1) * b, :mask.shape[1]]
+    surr = losses.clipped_surrogate(logp.detach(), old_logp, adv, cfg.eps_low, cfg.eps_high)
+    return baselines.clip_cov_mask(logp.detach(), adv, mask, generator, frac=cfg.cov_frac, lb=cfg.cov_lb,
+                                   ub=cfg.cov_ub, exclude=surr.clipped_low | surr.clipped_high)
+
+
+def loss_masks(cfg: Config, mask: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalizer mask, entropy-bonus mask), both (b, T) float, for valid `mask` and a keep-mask.
+
+    normalizer: the tokens the aggregate divides by and the KL covers: valid & keep when dropped tokens
+    leave everything (filter_normalizer kept, Trinity-RFT), every valid token otherwise (TRL, verl).
+    bonus: the tokens the entropy bonus averages over: valid & keep (as TRL's effective mask and
+    Trinity's response mask), except Clip-Cov, whose references detach a drawn token from the
+    policy term only.
+    """
+    m = mask.float()
+    kept = m * keep.float()
+    return (kept if cfg.normalizer == "kept" else m), (m if cfg.entropy_control == "clip_cov" else kept)
 
 
 @dataclass
 class TokenTerms:
     """One update's per-token loss and what the entropy accounting needs to know about it."""
 
-    loss: torch.Tensor        # (b, T) per-token loss to aggregate
-    surrogate: torch.Tensor   # (b, T) the policy term alone (for loss/policy)
+    loss: torch.Tensor        # (b, T) per-token loss to aggregate: keep * weight * policy + kl_coef * kl
+    surrogate: torch.Tensor   # (b, T) the policy term alone, before keep and weights (for loss/policy)
     ratio: torch.Tensor       # (b, T)
     zero_grad: torch.Tensor   # (b, T) bool: tokens whose policy gradient is zero (clipped)
     weights: torch.Tensor | None  # (b, T) per-token weights (STEER), already in `loss`
@@ -83,8 +124,10 @@ class TokenTerms:
 
 def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
                 ref_logp: torch.Tensor | None, entropy: torch.Tensor | None,
-                mask: torch.Tensor) -> TokenTerms:
-    """Per-token loss of one update for minibatch tensors (b, T); entropy only for STEER."""
+                mask: torch.Tensor, keep: torch.Tensor | None = None) -> TokenTerms:
+    """Per-token loss of one micro-batch, tensors (b, T): `mask` the valid tokens (the scope of
+    KL-Cov's top-k and STEER's range), `keep` the filter's keep-mask (None: every token), entropy
+    (detached) only for STEER. Fractions in `stats` are over the valid tokens."""
     valid = mask.bool()
     n = max(int(valid.sum()), 1)
     frac = lambda sel: float((sel & valid).sum()) / n  # noqa: E731
@@ -108,6 +151,8 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
         stats["clip/steer_w_min"] = float(weights[valid].min()) if valid.any() else 1.0
         stats["clip/steer_w_max"] = float(weights[valid].max()) if valid.any() else 1.0
     loss = policy if weights is None else policy * weights
+    if keep is not None:  # a dropped token's policy term is exactly zero, and so is its gradient
+        loss = torch.where(keep.bool(), loss, torch.zeros_like(loss))
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         kl = losses.kl_k3(logp, ref_logp)

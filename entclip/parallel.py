@@ -45,19 +45,19 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(x)
 
 
-def reduce_update(accelerator, row: dict[str, float], n_tok: int, n_kept: int) -> dict[str, float]:
+def reduce_update(accelerator, row: dict[str, float], n_tok: int) -> dict[str, float]:
     """One update's metrics over all processes: loss parts add up (each is its share of the
-    global aggregate, scaled by N for DDP's mean: so the mean), kl/ref weighs by each process's
-    valid tokens and the token fractions by its tokens in the loss, *_min / *_max reduce as such;
-    the gradient norm is global already."""
+    global aggregate, scaled by N for DDP's mean: so the mean), kl/ref and the token fractions
+    weigh by each process's valid tokens, *_min / *_max reduce as such; the gradient norm is
+    global already."""
     if accelerator.num_processes == 1:
         return row
     from accelerate.utils import gather_object
 
-    every = gather_object([(row, n_tok, n_kept)])
+    every = gather_object([(row, n_tok)])
     out = {}
     for k in row:
-        values = [r[k] for r, _, _ in every]
+        values = [r[k] for r, _ in every]
         if k.endswith("_min"):
             out[k] = min(values)
         elif k.endswith("_max"):
@@ -65,7 +65,7 @@ def reduce_update(accelerator, row: dict[str, float], n_tok: int, n_kept: int) -
         elif k.startswith(("loss/", "grad/")):
             out[k] = sum(values) / len(values)
         else:
-            weights = [n if k == "kl/ref" else kept for _, n, kept in every]
+            weights = [n for _, n in every]
             out[k] = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1)
     return out
 

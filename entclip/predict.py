@@ -97,11 +97,11 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     """One GRPO update's predicted entropy change on G samples of each problem (and, with `apply`,
     the update taken and measured). `wrap_sampler`: as in Trainer (the sampler the batch comes from)."""
     from entclip.engine import Trainer, derive_seed
-    from entclip.objective import batch_filter
+    from entclip.objective import batch_filter, loss_masks
 
-    if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1:
+    if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1 or cfg.scope != "rollout":
         raise ValueError("predict: one update on the whole batch needs prompts_per_step == len(problems), "
-                         "minibatches == epochs == 1")
+                         "minibatches == epochs == 1 and filter_scope=rollout")
     trainer = Trainer(cfg, None, log, model_path=model_path, wrap_sampler=wrap_sampler)
     torch.manual_seed(derive_seed(cfg.seed, "predict"))
     roll, rewards, _ = trainer.rollout_problems(problems)
@@ -114,7 +114,8 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
                               torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", 0)))
     loss_mask = mask * keep
     n_valid = max(int(mask.sum()), 1)
-    weights = loss_weights(loss_mask, cfg.loss_agg, cfg.agg_constant)  # one update on the batch
+    norm = loss_masks(cfg, mask, keep)[0]
+    weights = loss_weights(norm, cfg.loss_agg, cfg.agg_constant)  # one update on the batch
     unit = theory.grpo_logit_delta(stats.disc, stats.baseline, adv_tok, 1.0, 1.0, cfg.temperature)
     drive = unit * weights * loss_mask / n_valid  # (B, T) without the learning rate
     contrib = cfg.lr * drive
@@ -129,7 +130,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     totals.update(quadrants(stats.disc - stats.baseline, adv_tok, mask, contrib))
     applied = None
     if apply:
-        trainer.update(1, roll, stats, adv_tok, loss_mask, plan, account)
+        trainer.update(1, roll, stats, adv_tok, keep, plan, account)
         new_logits, h_new = trainer.entropy_after(roll)
         applied = account.finish(new_logits, h_new, [p.detach() for p in trainer.model.parameters()],
                                  stats, adv_tok, mask, cfg.temperature)

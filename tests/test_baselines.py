@@ -9,6 +9,7 @@ from entclip.baselines import (
     adapt_entropy_coef,
     adaptive_mu_for_entropy,
     adaptive_mu_for_share,
+    bonus_coef,
     clip_cov_mask,
     dual_clip,
     entropy_bonus_term,
@@ -69,12 +70,25 @@ def test_subtracting_the_entropy_bonus_raises_entropy():
     assert torch.all(h1 > h0)
 
 
-def test_adapt_entropy_coef_moves_toward_target_and_clamps():
+def test_entropy_bonus_divides_by_the_micro_batches_of_the_update():
+    h = torch.tensor([[1.0, 3.0]])
+    torch.testing.assert_close(entropy_bonus_term(h, torch.ones(1, 2), coef=0.5, parts=4), torch.tensor(0.5 * 2 / 4))
+
+
+def test_adapt_entropy_coef_rises_at_or_below_target_as_trl():
     assert adapt_entropy_coef(0.01, entropy_now=0.1, target=0.2, delta=0.005) == pytest.approx(0.015)
     assert adapt_entropy_coef(0.01, entropy_now=0.3, target=0.2, delta=0.005) == pytest.approx(0.005)
-    assert adapt_entropy_coef(0.01, entropy_now=0.2, target=0.2, delta=0.005) == 0.01
+    assert adapt_entropy_coef(0.01, entropy_now=0.2, target=0.2, delta=0.005) == pytest.approx(0.015)  # at: rises
     assert adapt_entropy_coef(0.002, entropy_now=0.9, target=0.2, delta=0.005) == 0.0  # c_min
+    assert adapt_entropy_coef(0.004, entropy_now=0.9, target=0.2, delta=0.005, c_min=0.001) == 0.001
     assert adapt_entropy_coef(0.098, entropy_now=0.1, target=0.2, delta=0.005, c_max=0.1) == 0.1
+
+
+def test_adaptive_bonus_applies_only_at_or_below_target_and_not_before_a_measurement():
+    assert bonus_coef(0.02, last_entropy=math.inf, target=0.5) == 0.0  # TRL: nothing measured yet
+    assert bonus_coef(0.02, last_entropy=0.7, target=0.5) == 0.0
+    assert bonus_coef(0.02, last_entropy=0.5, target=0.5) == 0.02
+    assert bonus_coef(0.02, last_entropy=math.inf, target=None) == 0.02  # static bonus: always
 
 
 # ---------------------------------------------------------------- high-entropy tokens
@@ -83,18 +97,25 @@ def test_adapt_entropy_coef_moves_toward_target_and_clamps():
 def test_high_entropy_mask_keeps_ties_at_the_threshold():
     h = torch.tensor([[1.0, 2.0, 2.0, 2.0, 3.0]])
     ones = torch.ones(1, 5)
-    # rho = 0.4: k = 2, tau = 2nd largest = 2, and all three 2s are kept.
+    # rho = 0.4: tau = the 0.6 quantile = sorted[2.4] = 2 (lerp of 2 and 2): all three 2s are kept.
     assert torch.equal(high_entropy_mask(h, ones, rho=0.4), torch.tensor([[F_, T_, T_, T_, T_]]))
+    # rho = 0.2: tau = sorted[3.2] = 2 + 0.2 * (3 - 2) = 2.2: only the 3.
     assert torch.equal(high_entropy_mask(h, ones, rho=0.2), torch.tensor([[F_, F_, F_, F_, T_]]))
     assert torch.equal(high_entropy_mask(torch.full((1, 5), 0.7), ones), ones.bool())
 
 
-def test_high_entropy_mask_keeps_ceil_rho_n_distinct_tokens():
-    for n, kept in ((15, 3), (11, 3), (10, 2), (3, 1)):  # 0.2 * 15 = 3.0000000000000004 in floats
-        h = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float().unsqueeze(0)
-        keep = high_entropy_mask(h, torch.ones(1, n), rho=0.2)
-        assert int(keep.sum()) == kept
-        assert h[keep].min() > h[~keep].max()
+def test_high_entropy_threshold_interpolates_linearly_as_torch_quantile():
+    # 0..9: rho = 0.25 -> tau = 0.75 * 9 = 6.75 keeps 7, 8, 9; rho = 0.45 -> tau = 4.95 keeps 5..9, where
+    # the order statistic k = ceil(0.45 * 10) = 5 agrees; rho = 0.05 -> tau = 8.55 keeps only 9.
+    h = torch.arange(10.0).unsqueeze(0)
+    assert int(high_entropy_mask(h, torch.ones(1, 10), rho=0.25).sum()) == 3
+    assert int(high_entropy_mask(h, torch.ones(1, 10), rho=0.45).sum()) == 5
+    assert torch.equal(high_entropy_mask(h, torch.ones(1, 10), rho=0.05)[0].nonzero().flatten(), torch.tensor([9]))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        vals = torch.rand(1, 37, generator=g)
+        tau = torch.quantile(vals[0], 0.8)
+        assert torch.equal(high_entropy_mask(vals, torch.ones(1, 37), rho=0.2), vals >= tau)
 
 
 def test_high_entropy_mask_never_keeps_padding():

@@ -29,6 +29,13 @@ def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_warns_once_about_a_key_the_method_ignores(tmp_path):
+    res = runner.invoke(app, ["train", "--dry-run", "--preset", "clip-b", "--set", "clip_v_mu=3",
+                              "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("warning: clip_v_mu=3.0 has no effect with entropy_control=clip_b") == 1
+
+
 def test_flags_override_config_file_and_set_overrides_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("seed: 1\nsteps: 5\ngroup_size: 4\n")

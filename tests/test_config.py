@@ -7,7 +7,7 @@ import typing
 import pytest
 import yaml
 
-from entclip.config import Config, load_preset, preset_names, resolve
+from entclip.config import Config, inert_settings, load_preset, preset_names, resolve
 from entclip.errors import EntclipError
 
 
@@ -65,6 +65,11 @@ def test_saved_config_yaml_resolves_back_to_the_same_config(tmp_path):
     (["eps_low=1.5"], "eps_low"),
     (["noequals"], "expected key=value"),
     (["clip_v_max_frac=2"], "clip_v_max_frac"),
+    (["entropy_control=clip_b", "filter_scope=micro"], "only high_entropy and clip_cov select per micro-batch"),
+    (["entropy_control=clip_cov", "filter_normalizer=kept"], "use filter_normalizer=all"),
+    (["entropy_control=high_entropy", "log_filter=true"], "set --set filter_scope=rollout"),
+    (["entropy_coef_min=0.1", "entropy_coef_max=0.05"], "lower the min"),
+    (["sign_statistic=sstar"], "choose one of s_star, deviation"),
 ])
 def test_bad_values_fail_with_a_message_naming_the_fix(sets, needle):
     with pytest.raises(EntclipError) as err:
@@ -95,3 +100,42 @@ def test_none_is_a_valid_run_name_but_null_unsets():
     assert resolve(flags={"name": "none"}).name == "none"  # scripts/readme_runs.sh names a run so
     assert resolve(sets=["name=null"]).name is None
     assert resolve(sets=["dual_clip_c=none"]).dual_clip_c is None
+
+
+def test_each_method_defaults_to_its_references_normalizer_and_scope():
+    expect = {"clip_b": ("kept", "rollout"), "clip_v": ("kept", "rollout"), "sign": ("kept", "rollout"),
+              "high_entropy": ("all", "micro"), "clip_cov": ("all", "micro")}
+    for method, (normalizer, scope) in expect.items():
+        cfg = resolve(sets=[f"entropy_control={method}"])
+        assert (cfg.normalizer, cfg.scope) == (normalizer, scope), method
+    cfg = resolve(sets=["entropy_control=high_entropy", "filter_scope=rollout", "filter_normalizer=kept"])
+    assert (cfg.normalizer, cfg.scope) == ("kept", "rollout")
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["clip_v_mu=3"], "clip_v_mu=3.0 has no effect with entropy_control=none"),
+    (["entropy_control=clip_b", "cov_frac=0.1"], "cov_frac=0.1 has no effect with entropy_control=clip_b"),
+    (["entropy_control=clip_b", "clip_b_mu=1", "filter_target_share=0.05"], "filter_target_share chooses mu"),
+    (["entropy_control=clip_v", "filter_target_share=0.05"], "clip_v_max_frac=0.0001 is not applied"),
+    (["entropy_coef_delta=0.01"], "has no effect without entropy_target"),
+    (["entropy_control=kl_cov", "eps_high=0.28"], "KL-Cov has no ratio clip"),
+    (["entropy_control=steer"], "STEER's reference applies dual clip"),
+    (["loss_agg_constant=8"], "has no effect with loss_agg=token-mean"),
+    (["adaptive_mu_max=5"], "have no effect without filter_target_share"),
+])
+def test_a_setting_that_changes_nothing_gets_one_line(sets, needle):
+    lines = inert_settings(resolve(sets=sets))
+    assert len(lines) == 1 and needle in lines[0] and "\n" not in lines[0]
+
+
+def test_shipped_presets_set_nothing_inert():
+    for name in preset_names():
+        assert inert_settings(resolve(preset=name)) == [], name
+
+
+def test_sign_presets_cover_both_statistics():
+    for stat, tag in (("s_star", "s"), ("deviation", "dev")):
+        for a in ("pos", "neg"):
+            for d in ("pos", "neg"):
+                cfg = resolve(preset=f"sign-{a}-{tag}{d}")
+                assert (cfg.sign_statistic, cfg.sign_samples, cfg.sign_deviation) == (stat, a, d)

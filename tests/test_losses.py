@@ -227,6 +227,18 @@ def test_clip_v_cap_counts_only_penalized_violators():
     assert torch.equal(keep, torch.tensor([[T_, T_, T_, T_], [T_, F_, T_, T_]]))
 
 
+def test_clip_v_cap_never_spends_a_slot_on_zero_advantage_violators():
+    # Row 0 has A = 0 (violators -5, -3), row 1 A = -1 (violator -4). K = 1 slot for A < 0 violators:
+    # one A < 0 violator fits, so every violator is dropped, the A = 0 ones included (Trinity-RFT).
+    adv = torch.tensor([0.0, -1.0])
+    keep = clip_v_mask(CAP_X + CAP_BASE, CAP_BASE, adv, CAP_MASK, mu=1.0, max_frac=1e-4)
+    assert torch.equal(keep, torch.tensor([[F_, T_, F_, T_], [T_, F_, T_, T_]]))
+    # Two A < 0 violators for one slot: the more negative (-5) is dropped; the A = 0 one (-4) always is.
+    adv = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    keep = clip_v_mask(CAP_X + CAP_BASE, CAP_BASE, adv, CAP_MASK, mu=1.0, max_frac=1e-4)
+    assert torch.equal(keep, torch.tensor([[F_, T_, T_, T_], [T_, F_, T_, T_]]))
+
+
 def test_paper_rule_has_no_cap():
     adv = torch.tensor([-1.0, -1.0])
     keep = clip_v_mask(CAP_X + CAP_BASE, CAP_BASE, adv, CAP_MASK, mu=1.0, max_frac=1e-4, rule="paper")
