@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_sets
 from entclip import losses, theory
-from entclip.accounting import loss_weights
+from entclip.accounting import loss_weights, quadrants
 from entclip.config import resolve
 from entclip.engine import train
 from entclip.rundir import RunDir, load_run
@@ -44,6 +44,19 @@ def test_loss_weights_are_the_aggregation_weights():
     seq = torch.tensor([[0.5, 0.5, 0, 0], [0.25] * 4]) / 2
     assert torch.allclose(loss_weights(mask, "seq-mean-token-mean", None), seq)
     assert torch.allclose(loss_weights(mask, "constant", 8), mask / 16)
+
+
+def test_quadrants_count_valid_tokens_by_sign_of_advantage_and_deviation():
+    dev = torch.tensor([[0.3, -0.1, 0.0, 0.5], [-0.2, 0.4, -0.3, 9.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, 1.0], [-2.0, -2.0, 0.0, -2.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # 7 valid; (1, 3) is padding
+    contrib = torch.tensor([[1.0, 2.0, 4.0, 8.0], [16.0, 32.0, 64.0, 128.0]])
+    out = quadrants(dev, adv, mask, contrib)
+    # (0, 2) and (1, 2) fall in no quadrant (deviation 0, A = 0); padding (1, 3) in none either.
+    assert out == {"quad/pos_devpos_share": 2 / 7, "quad/pos_devpos_pred": 9.0,
+                   "quad/pos_devneg_share": 1 / 7, "quad/pos_devneg_pred": 2.0,
+                   "quad/neg_devpos_share": 1 / 7, "quad/neg_devpos_pred": 32.0,
+                   "quad/neg_devneg_share": 1 / 7, "quad/neg_devneg_pred": 16.0}
 
 
 def test_sign_mask_keeps_the_requested_quadrant_and_never_padding():
@@ -94,8 +107,7 @@ def test_accounting_rows_are_complete_and_consistent(accounted_run):
     for r in accounted_run.metrics:
         assert all(math.isfinite(r[k]) for k in ("entropy/pred_logit", "entropy/pred_logit_drive"))
         assert math.isclose(r["entropy/mean_after"] - r["entropy/mean"], r["entropy/measured"], abs_tol=1e-5)
-        shares = sum(r[f"quad/{q}_share"] for q in ("pos_devpos", "pos_devneg", "neg_devpos", "neg_devneg"))
-        assert shares <= 1.0 + 1e-9
+        # The quadrants split the same per-token contributions pred_logit sums (A = 0 adds 0).
         preds = sum(r[f"quad/{q}_pred"] for q in ("pos_devpos", "pos_devneg", "neg_devpos", "neg_devneg"))
         assert math.isclose(preds, r["entropy/pred_logit"], rel_tol=1e-4, abs_tol=1e-12)
         assert r["perf/accounting_s"] > 0

@@ -79,7 +79,10 @@ def test_evaluate_a_finished_run(group):
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["problems"] == 8 and {"greedy_acc", "avg@2", "pass@1", "pass@2"} <= data.keys()
-    assert data["pass@2"] >= data["pass@1"]
+    # Unbiased pass@1 from 2 samples is c / 2 per problem (c correct): exactly avg@2, in binary too.
+    # pass@2 from 2 samples is 1 iff c >= 1: a whole number of the 8 problems.
+    assert data["pass@1"] == data["avg@2"]
+    assert (8 * data["pass@2"]).is_integer()
 
 
 @pytest.mark.parametrize("args, code, needle", [
