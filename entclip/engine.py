@@ -324,9 +324,12 @@ class Trainer:
                         self._first = None
                         logp = theory.token_logp(logits, roll.completion_ids[mrows], cfg.temperature)
                         m, adv, old = mask[mrows], adv_tok[mrows], stats.old_logp[mrows]
-                        ent = (theory.token_entropy(logits, cfg.temperature)
-                               if bonus_on or cfg.entropy_control == "steer"
-                               or (micro_scope and cfg.entropy_control == "high_entropy") else None)
+                        ent = None
+                        if coef > 0:  # the bonus differentiates H
+                            ent = theory.token_entropy(logits, cfg.temperature)
+                        elif bonus_on or cfg.entropy_control == "steer" or cfg.entropy_control == "high_entropy":
+                            with torch.no_grad():  # read only: no (b, T, V) graph kept alive
+                                ent = theory.token_entropy(logits, cfg.temperature)
                         k = keep[mrows]
                         if micro_scope:
                             gen = torch.Generator().manual_seed(  # on the CPU: the same draw on any device

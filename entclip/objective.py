@@ -90,9 +90,12 @@ def micro_filter(cfg: Config, accelerator, logp: torch.Tensor, entropy: torch.Te
         keep = baselines.high_entropy_mask(g(entropy.detach()), g(mask), cfg.high_entropy_rho)
         rank, b = accelerator.process_index, mask.shape[0]
         return keep[rank * b:(rank + 1) * b, :mask.shape[1]]
-    surr = losses.clipped_surrogate(logp.detach(), old_logp, adv, cfg.eps_low, cfg.eps_high)
+    # The ratio-clipped tokens exactly as verl marks them: where the clipped branch's loss exceeds the
+    # unclipped one (comparing the ratio with the bound instead can differ one float step from it).
+    ratio = torch.exp(logp.detach() - old_logp)  # (b, T)
+    clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) > -adv * ratio
     return baselines.clip_cov_mask(logp.detach(), adv, mask, generator, frac=cfg.cov_frac, lb=cfg.cov_lb,
-                                   ub=cfg.cov_ub, exclude=surr.clipped_low | surr.clipped_high)
+                                   ub=cfg.cov_ub, exclude=clipped)
 
 
 def loss_masks(cfg: Config, mask: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,11 +64,11 @@ def test_sign_mask_keeps_the_requested_quadrant_and_never_padding():
     base = torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.3, 0.3, 0.3, 0.3]])   # dev: + - + + / - + - +
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     adv = torch.tensor([1.0, -1.0])
-    keep = losses.sign_mask(disc, base, adv, mask, deviation="pos", samples="all")
+    keep = losses.sign_mask(disc, base, adv, mask, deviation="pos", samples="all", statistic="deviation")
     assert keep.tolist() == [[True, False, True, False], [False, True, False, True]]
-    keep = losses.sign_mask(disc, base, adv, mask, deviation="neg", samples="pos")
+    keep = losses.sign_mask(disc, base, adv, mask, deviation="neg", samples="pos", statistic="deviation")
     assert keep.tolist() == [[False, True, False, False], [False, False, False, False]]
-    keep = losses.sign_mask(disc, base, adv, mask, deviation="neg", samples="neg")
+    keep = losses.sign_mask(disc, base, adv, mask, deviation="neg", samples="neg", statistic="deviation")
     assert keep.tolist() == [[False, False, False, False], [True, False, True, False]]
 
 
