@@ -371,21 +371,57 @@ def _report_done(summary: dict, path: Path, quiet: bool) -> None:
 @app.command()
 def analyze(
     run_dir: Path = typer.Argument(..., help="a run directory written by `entclip train`"),
-    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON"),
+    as_json: bool = typer.Option(False, "--json", help="print the analysis as JSON (with a 'gates' list)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of the run: entropy, reward, "
+                                        "evaluation, predicted vs measured entropy change, quadrants"),
+    require: list[str] = typer.Option([], "--require", help="condition METRIC OP NUMBER (OP >=, <=, >, <, "
+                                      "==, !=), repeatable; any broken one exits 6, e.g. 'entropy/mean>=0.2'"),
+    window: int = typer.Option(1, help="--require on metrics.jsonl reads the mean over the last N logged "
+                               "steps (eval.jsonl metrics: the last evaluation)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no tables: only broken --require conditions and errors"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
     """Summarize a run: entropy, reward and accuracy trajectory, clip and filter shares, evaluation."""
     with _user_errors(debug):
+        from entclip import gates
         from entclip.report import render, summarize
         from entclip.rundir import load_run
 
-        summary = summarize(load_run(run_dir))
+        run = load_run(run_dir)
+        conditions = [gates.parse(text) for text in require]
+        verdicts = gates.check(run, conditions, window)  # bad conditions fail before any output
+        if plot is not None:
+            from entclip.plots import image_format
+
+            image_format(plot)
+        summary = summarize(run)
         if as_json:
-            typer.echo(json.dumps(summary, indent=2))
-        else:
+            typer.echo(json.dumps({**summary, "gates": [v.as_dict() for v in verdicts]} if require else summary,
+                                  indent=2))
+        elif not quiet:
             from rich.console import Console
 
             render(summary, Console())
+        if plot is not None:
+            from entclip.plots import plot as draw
+
+            draw(run, plot)
+            if not (as_json or quiet):
+                typer.echo(f"plot: {plot}")
+        _gate(verdicts)
+
+
+def _gate(verdicts) -> None:
+    """One stderr line per broken condition, then exit GATE; silence when all hold."""
+    from rich.markup import escape
+
+    from entclip.errors import GATE
+
+    broken = [v for v in verdicts if not v.holds]
+    for v in broken:  # eval-set names come from the user's config: no markup in them
+        _stderr().print(f"[red]gate failed:[/red] {escape(v.line())}", soft_wrap=True)
+    if broken:
+        raise typer.Exit(GATE)
 
 
 @app.command()

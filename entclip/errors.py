@@ -8,6 +8,7 @@ BAD_CONFIG = 2    # bad arguments, config keys, values or presets (also click's 
 NOT_FOUND = 3     # a path that does not exist or is not what it must be (run dir, model, file)
 EXISTS = 4        # refusing to replace an existing run directory
 BAD_DATA = 5      # a file that exists but cannot be used: corrupted JSONL/YAML, empty or malformed data
+GATE = 6          # `analyze --require`: a condition on the run's metrics does not hold
 INTERRUPTED = 130  # Ctrl-C: stopped cleanly after a step, checkpoint written
 
 
