@@ -27,7 +27,9 @@ def method_label(cfg: dict) -> str:
     elif method == "clip_v":
         method += f" mu={cfg['clip_v_mu']:g}" + (f" cap={cfg['clip_v_max_frac']:g}" if cfg.get("clip_v_max_frac") else "")
     elif method == "sign":
-        method += f" A{'>' if cfg['sign_samples'] == 'pos' else '<'}0 dev{'>' if cfg['sign_deviation'] == 'pos' else '<'}0"
+        # runs from before sign_statistic existed used the deviation
+        stat = "S*" if cfg.get("sign_statistic", "deviation") == "s_star" else "dev"
+        method += f" A{'>' if cfg['sign_samples'] == 'pos' else '<'}0 {stat}{'>' if cfg['sign_deviation'] == 'pos' else '<'}0"
     return method
 
 
