@@ -80,7 +80,7 @@ class Config:
     tiny_heads: int = _f(4, "tiny model: attention heads")
     tiny_ffn: int = _f(512, "tiny model: MLP width")
     warmup_lr: float = _f(3e-3, "supervised warm start: AdamW learning rate")
-    warmup_max_steps: int = _f(600, "supervised warm start: step budget (it stops there even below the target)")
+    warmup_max_steps: int = _f(1500, "supervised warm start: step budget (it stops there even below the target)")
     warmup_target_acc: float = _f(0.5, "supervised warm start stops at this greedy train accuracy")
     cache_dir: str | None = _f(None, "warm-start cache (default: $ENTCLIP_CACHE or ~/.cache/entclip)")
     # ---- GRPO (algorithm) -----------------------------------------------------------------
