@@ -35,8 +35,10 @@ def _user_errors(debug: bool) -> Iterator[None]:
     except EntclipError as exc:
         if debug:
             raise
+        from rich.markup import escape  # a message may hold brackets: pip install 'entclip[wandb]'
+
         label = "[yellow]stopped:[/yellow]" if exc.exit_code == INTERRUPTED else "[red]error:[/red]"
-        _stderr().print(f"{label} {exc}", soft_wrap=True)
+        _stderr().print(f"{label} {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _stderr().print("[yellow]stopped:[/yellow] interrupted (nothing half-written is kept)", soft_wrap=True)
@@ -207,7 +209,11 @@ def _create_run(cfg, path: Path, overwrite: bool):
 
 
 def _check_sources(cfg) -> None:
-    """A Hugging Face model or dataset that cannot be read stops here, one line each."""
+    """A tracker package that is missing, a Hugging Face model or dataset that cannot be read stop
+    here, one line each."""
+    from entclip.trackers import check_installed
+
+    check_installed(cfg.report_to)
     if cfg.model == "tiny" and not cfg.dataset:
         return
     from entclip.errors import NOT_FOUND
@@ -274,7 +280,10 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
             _check_task(cfg)
             _warn_inert(cfg, seen)
             plan.append(cfg)
+    from entclip.trackers import check_installed
+
     for cfg in plan:  # refuse before any run starts
+        check_installed(cfg.report_to)
         path = Path(cfg.out_dir) / cfg.name
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise EntclipError(f"run directory {path} already exists; pass --overwrite or another --name",
@@ -319,9 +328,11 @@ def _resume(path: Path, quiet: bool) -> None:
     from entclip.console import Progress
     from entclip.loop import train as run_train
     from entclip.rundir import CONFIG, RunDir, checkpoint_step, latest_checkpoint
+    from entclip.trackers import check_installed
 
     if (path / CONFIG).exists():
         cfg = resolve(config_file=str(path / CONFIG))
+        check_installed(cfg.report_to)  # before reopen trims the run's files
         ckpt = latest_checkpoint(path)
         if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
             raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "

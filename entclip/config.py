@@ -41,6 +41,8 @@ class Config:
     samples_per_step: int = _f(2, "rollouts per step written to samples.jsonl")
     log_filter: bool = _f(False, "write filter.jsonl: per step, each sequence's tokens and the positions "
                           "the token filter dropped (all processes gathered)")
+    report_to: tuple = _f((), "experiment trackers that also get every metrics.jsonl and eval.jsonl row: "
+                          "none, or a comma-separated list of tensorboard, trackio, wandb")
     # ---- task and model -------------------------------------------------------------------
     task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task (used when no dataset is set)")
     dataset: str | None = _f(None, "training prompts: a Hugging Face dataset id or a local "
@@ -195,6 +197,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["eval_sets"] = [dict(e) for e in self.eval_sets]  # YAML-safe lists, not tuples
+        data["report_to"] = list(self.report_to)
         return data
 
     def to_yaml(self) -> str:
@@ -202,6 +205,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TRACKERS = ("tensorboard", "trackio", "wandb")  # report_to's choices (entclip/trackers.py)
 # Token filters (keep-masks) and the two whose references select per micro-batch of every update.
 FILTERS = ("clip_b", "clip_v", "sign", "high_entropy", "clip_cov")
 MICRO_FILTERS = ("high_entropy", "clip_cov")
@@ -284,6 +288,8 @@ def _validate(c: Config) -> None:
           f"precision={c.precision} is for GPU models; the built-in tiny model trains in fp32")
     _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
           f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
+    _need(isinstance(c.report_to, tuple) and all(t in TRACKERS for t in c.report_to),
+          f"report_to={c.report_to!r}: choose none or from {', '.join(TRACKERS)} (a tuple of names)")
 
 
 # Keys that only some methods read: key -> the entropy_control values that use it.
@@ -353,6 +359,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise a message naming the fix."""
     if name == "eval_sets":
         return _coerce_eval_sets(value)
+    if name == "report_to":
+        return _coerce_report_to(value)
     hint = typing.get_type_hints(Config)[name]
     default = FIELDS[name].default
     args = typing.get_args(hint)
@@ -425,6 +433,26 @@ def _coerce_eval_sets(value: Any) -> tuple:
             raise EntclipError(f"eval_sets item {item['name']!r}: n={item['n']!r} must be a positive integer")
         out.append({k: (item[k] if k == "n" or item[k] is None else str(item[k])) for k in item})
     return tuple(out)
+
+
+def _coerce_report_to(value: Any) -> tuple[str, ...]:
+    """none / one name / "a,b" / a YAML list -> a tuple of tracker names, in order, each once."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(t, str) for t in items):
+        raise EntclipError(f"report_to={value!r}: expected none or names from {', '.join(TRACKERS)}; "
+                           "e.g. --set report_to=tensorboard,wandb")
+    names = [t.strip().lower() for t in items if t.strip()]
+    if names == ["none"]:
+        return ()
+    if "none" in names:
+        raise EntclipError(f"report_to={value!r}: none means no tracker; give it alone or drop it")
+    for t in names:
+        if t not in TRACKERS:
+            raise EntclipError(f"report_to: unknown tracker {t!r}; choose none or from {', '.join(TRACKERS)} "
+                               "(comma-separated), e.g. --set report_to=tensorboard")
+    return tuple(dict.fromkeys(names))
 
 
 def _type_name(hint: Any) -> str:

@@ -21,6 +21,7 @@ from entclip.engine import Log, NonFiniteStop, OnStep, Trainer, WrapSampler
 from entclip.errors import FAILED, INTERRUPTED, EntclipError
 from entclip.parallel import global_max
 from entclip.rundir import RunDir, load_trainer_state, save_checkpoint
+from entclip.trackers import Trackers
 
 
 def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None,
@@ -32,9 +33,10 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
 
     Ctrl-C stops after the current step with a checkpoint (EntclipError, exit 130); too many
     non-finite updates in a row stop with a checkpoint of the last good parameters (exit 1).
-    """
-    import signal
 
+    Every metrics.jsonl and eval.jsonl row also goes to the trackers of `cfg.report_to` (trackers.py),
+    from the main process; a resumed run continues their runs.
+    """
     trainer = Trainer(cfg, run, log, on_step, model_path=str(resume_from) if resume_from else None,
                       resume=resume_from is not None, wrap_sampler=wrap_sampler)
     t_start, wall_before, start = time.perf_counter(), 0.0, 1
@@ -42,9 +44,23 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
         state = restore(trainer, resume_from)
         start, wall_before = state["step"] + 1, state["wall_s"]
         log(f"resuming {run.path} after step {state['step']}")
-    else:
-        trainer.evaluate(0)
-    elapsed = lambda: wall_before + time.perf_counter() - t_start  # noqa: E731
+    trackers = Trackers({}, log)
+    if trainer.accelerator.is_main_process:
+        trackers = Trackers.open(cfg, run.path, log, start_step=start if resume_from is not None else None)
+    try:
+        return _steps(cfg, run, trainer, trackers, log, on_step, start,
+                      lambda: wall_before + time.perf_counter() - t_start, fresh=resume_from is None)
+    finally:
+        trackers.finish()
+
+
+def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: Log, on_step: OnStep,
+           start: int, elapsed, fresh: bool) -> dict[str, Any]:
+    """Steps `start`..cfg.steps with their evaluations and checkpoints; the summary at the end."""
+    import signal
+
+    if fresh:
+        trackers.log(trainer.evaluate(0))
 
     def request_stop(signum, frame):
         if trainer.stop_requested:  # a second Ctrl-C: stop now
@@ -57,8 +73,9 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
     try:
         for step in range(start, cfg.steps + 1):
             metrics = trainer.step(step)
+            trackers.log(metrics)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                trainer.evaluate(step)
+                trackers.log(trainer.evaluate(step))
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                 save(trainer, step, elapsed())
             on_step(step, metrics)
@@ -82,7 +99,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     try:
-        trainer.evaluate(cfg.steps)
+        trackers.log(trainer.evaluate(cfg.steps))
     finally:
         trainer.rewards.close()  # the reward worker's last use
     ckpt = save(trainer, cfg.steps, elapsed())

@@ -46,6 +46,14 @@ def _isolated_cache(tmp_path_factory):
     os.environ["ENTCLIP_CACHE"] = str(tmp_path_factory.mktemp("entclip-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Trackers (report_to) write nowhere outside the session's folders: trackio reads TRACKIO_DIR once,
+    # at import; wandb keeps settings and caches in its own folders.
+    home = tmp_path_factory.mktemp("trackers")
+    os.environ["TRACKIO_DIR"] = str(home / "trackio")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        os.environ[var] = str(home / var.lower())
+    os.environ.pop("WANDB_MODE", None)  # entclip's offline default is what the tests check
+    os.environ["WANDB_SILENT"] = "true"
     yield
 
 
