@@ -103,7 +103,7 @@ class Trackio:
 
 
 class Wandb:
-    def __init__(self, project: str, run_path: Path, config: dict[str, Any]):
+    def __init__(self, project: str, run_path: Path, config: dict[str, Any], log: Callable[[str], None]):
         import wandb
 
         state = _read_state(run_path)
@@ -117,6 +117,8 @@ class Wandb:
         self.run = wandb.init(project=project, name=run_path.name, dir=str(run_path), id=run_id,
                               resume="allow", mode=mode, config=config,
                               settings=wandb.Settings(console="off", silent=True))
+        if self.run.settings.mode == "offline":
+            log(f"wandb: offline run {run_id} in {self.run.settings.sync_dir} (`wandb sync` uploads it)")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -147,7 +149,7 @@ class Trackers:
         makers = {
             "tensorboard": lambda: TensorBoard(run_path, start_step),
             "trackio": lambda: Trackio(project_name(cfg.out_dir), run_path.name, cfg.to_dict(), resumed, log),
-            "wandb": lambda: Wandb(project_name(cfg.out_dir), run_path, cfg.to_dict()),
+            "wandb": lambda: Wandb(project_name(cfg.out_dir), run_path, cfg.to_dict(), log),
         }
         for name in cfg.report_to:
             try:
