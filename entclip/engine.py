@@ -28,7 +28,7 @@ from entclip import baselines, losses, objective, parallel, theory
 from entclip.accounting import StepAccount, loss_weights
 from entclip.config import Config
 from entclip.errors import EntclipError
-from entclip.models import load_folder, load_policy, quiet_libraries
+from entclip.models import add_lora, is_adapter, load_adapter, load_folder, load_policy, quiet_libraries
 from entclip.rollout import HFSampler, Rollout, Sampler, completion_logits
 from entclip.rundir import RunDir
 
@@ -101,9 +101,17 @@ class Trainer:
             return load_folder(cfg.model, self.precision, cfg.trust_remote_code)
 
         load = (lambda lg: load_folder(model_path, self.precision, cfg.trust_remote_code)) if model_path else load_start
-        model, self.tokenizer, self.warm_start = load(log)
+        if model_path and is_adapter(model_path):  # a LoRA checkpoint: the run's base and its adapter
+            model, self.tokenizer, self.warm_start = load_start(log)
+            model = load_adapter(_for_lora(model, cfg), model_path, trainable=True)
+        else:
+            model, self.tokenizer, self.warm_start = load(log)
+            if cfg.lora_r > 0:
+                model = add_lora(_for_lora(model, cfg), cfg)
+        # LoRA: the KL reference is the same model with its adapter disabled (ref_logits), no second copy.
+        self.lora = is_peft(model)
         self.ref = None
-        if cfg.kl_coef > 0:
+        if cfg.kl_coef > 0 and not self.lora:
             ref = (load_start if resume else load)(lambda s: None)[0]
             if self.precision != "fp32":  # inference only: bf16 weights suffice
                 ref = ref.to(torch.bfloat16)
@@ -114,16 +122,18 @@ class Trainer:
         self.rewards = RewardRunner(cfg.reward, default=verifier, verifier=verifier, timeout=cfg.reward_timeout)
         _disable_dropout(model)
         if cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            base = model.get_base_model() if self.lora else model
+            if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False  # generate passes use_cache itself
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False  # generate passes use_cache itself
         # Fused AdamW on CUDA: one kernel, no parameter-sized temporaries (memory.py counts on it).
         fused = self.accelerator.device.type == "cuda"
         if fused:
             model.to(self.accelerator.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        # Only what is trained (with LoRA: the adapters) gets AdamW moments.
+        opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 **({"fused": True} if fused else {}))
         self.model, self.opt = self.accelerator.prepare(model, opt)
         sampler = HFSampler(lambda: self.policy, self.tokenizer, self.add_special_tokens, self.autocast,
@@ -245,22 +255,28 @@ class Trainer:
                     old_logits[rows] = logits.detach()
             if i == 0 and reuse:
                 self._first = (rows, logits)
-            if self.ref is not None:
-                with torch.no_grad():
-                    with self.autocast():
-                        ref_logits = completion_logits(self.ref, ids[rows], am[rows], T)
+            if cfg.kl_coef > 0:
+                ref_logits = self.ref_logits(ids[rows], am[rows], T)
                 out["ref"][rows] = theory.token_logp(ref_logits, roll.completion_ids[rows], cfg.temperature)
         stats = BatchStats(out["logp"], out["entropy"], out["disc"], out["baseline"],
-                           out["ref"] if self.ref is not None else None)
+                           out["ref"] if cfg.kl_coef > 0 else None)
         if not account:
             return stats, None
-        params = list(self.model.parameters())
+        params = trainable(self.model)  # with LoRA: the adapters only (the rest never moves)
         grad_h = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         self.opt.zero_grad(set_to_none=True)
         h_sum = parallel.global_sum(self.accelerator, float((stats.entropy * mask).sum()))
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
                            logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid, shape=(B, T))
         return stats, acct
+
+    @torch.no_grad()
+    def ref_logits(self, ids: torch.Tensor, am: torch.Tensor, T: int) -> torch.Tensor:
+        """(b, T, V) logits of the KL reference: the frozen start model, or with LoRA the policy with its
+        adapter disabled (the base weights never train, so it is the start model too)."""
+        with self.policy.disable_adapter() if self.lora else contextlib.nullcontext():
+            with self.autocast():
+                return completion_logits(self.policy if self.lora else self.ref, ids, am, T)
 
     @torch.no_grad()
     def entropy_after(self, roll: Rollout, keep_logits: bool = True) -> tuple[torch.Tensor | None, float]:
@@ -444,7 +460,7 @@ class Trainer:
         if account is not None:
             t_acc = time.perf_counter()
             new_logits, h_new = self.entropy_after(roll, keep_logits=account.logits is not None)
-            acct = account.finish(new_logits, h_new, [p.detach() for p in self.model.parameters()],
+            acct = account.finish(new_logits, h_new, [p.detach() for p in trainable(self.model)],
                                   stats, adv_tok, mask, cfg.temperature)
             acct = parallel.reduce_account(self.accelerator, acct, int(mask.sum()))
             self.accounting_s += time.perf_counter() - t_acc
@@ -495,6 +511,24 @@ class Trainer:
         if self.accelerator.is_main_process and self.run_dir is not None:
             self.run_dir.append("eval.jsonl", row)
         return row
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer updates: all of them, or with LoRA the adapters'."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_peft(model) -> bool:
+    """A peft PeftModel (LoRA), told by its class's module so that peft need not be importable."""
+    return type(model).__module__.split(".")[0] == "peft"
+
+
+def _for_lora(model, cfg: Config):
+    """A base model ready for adapters: under gradient checkpointing the frozen embedding's output must
+    require grad, else no checkpointed layer would carry a gradient back to the adapters."""
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
 
 
 def _disable_dropout(model) -> None:

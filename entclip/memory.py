@@ -53,6 +53,7 @@ class _Shape:
     inter: int
     vocab: int
     tied: bool      # lm_head shares the embedding's weight
+    adapter: int = 0  # LoRA (lora_r > 0): adapter parameters, r x (in + out) per targeted nn.Linear
 
 
 def _shape(cfg, config) -> _Shape:
@@ -78,7 +79,24 @@ def _shape(cfg, config) -> _Shape:
         kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         inter=getattr(text, "intermediate_size", None) or 4 * text.hidden_size, vocab=text.vocab_size,
-        tied=bool(getattr(text, "tie_word_embeddings", False)))
+        tied=bool(getattr(text, "tie_word_embeddings", False)), adapter=lora_params(cfg, model))
+
+
+def lora_params(cfg, model) -> int:
+    """Parameters peft's LoRA adds to `model` (meta or real): lora_A (r, in) and lora_B (out, r) per targeted
+    nn.Linear. all-linear is peft's: every nn.Linear but the output head; names match a module's full name
+    or its last components, as peft's target_modules do."""
+    import torch
+
+    from entclip.models import lora_targets
+
+    if cfg.lora_r == 0:
+        return 0
+    targets, head = lora_targets(cfg), model.get_output_embeddings()
+    hit = ((lambda name, mod: mod is not head) if targets == "all-linear" else
+           (lambda name, mod: any(name == t or name.endswith("." + t) for t in targets)))
+    return sum(cfg.lora_r * (mod.in_features + mod.out_features) for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and hit(name, mod))
 
 
 def _chunk_bytes(rows: int, vocab: int, device: str) -> int:
@@ -179,20 +197,27 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
     ref_bytes = 4 if precision == "fp32" else 2  # engine: the reference model is bf16 unless fp32
 
     wname = "fp32" if wb == 4 else "bf16"
+    # LoRA: only the adapters train, in fp32 (peft upcasts adapters on a bf16 base), so gradients, AdamW
+    # moments and the accounting's copies are the adapters'; the frozen embedding gets no gradient, and the
+    # KL reference is the base with the adapters disabled (no second model).
+    lora = cfg.lora_r > 0
+    tp, tb, tname = (m.adapter, 4, "adapters, fp32") if lora else (m.params, wb, wname)
     parts = {
         "weights": (f"weights ({wname})", m.params * wb / ns),
-        "adam": (f"AdamW moments (2 x {wname})", 2 * m.params * wb / ns),  # torch AdamW: in the param dtype
+        "adapters": ("LoRA adapter weights (fp32)", m.adapter * 4 / ns if lora else 0),
+        "adam": (f"AdamW moments (2 x {tname})", 2 * tp * tb / ns),  # torch AdamW: in the param dtype
         "ref": (f"reference model ({'fp32' if precision == 'fp32' else 'bf16'})",
-                m.params * ref_bytes if cfg.kl_coef > 0 else 0),  # not prepared (sharded) by the engine
+                m.params * ref_bytes if cfg.kl_coef > 0 and not lora else 0),  # not prepared (sharded) by the engine
         # FSDP holds the root unit (embeddings, lm_head) and about two layers gathered at once
         "gathered": ("gathered parameters (root + 2 layers)",
                      (m.params - max(L - 2, 0) * m.layer) * e if shard and n > 1 else 0),
         # from an update's first backward to its zero_grad(set_to_none=True); in the stats pass with accounting
-        "grads": (f"gradients ({wname})", m.params * wb / ns),
+        "grads": (f"gradients ({tname})", tp * tb / ns),
         # torch AdamW's step: on CUDA (foreach) _foreach_sqrt of all second moments; on CPU per tensor,
         # sqrt and its quotient, of the largest tensor (the embedding)
         # engine: fused AdamW on CUDA (no parameter-sized temporaries); torch's foreach AdamW on CPU
-        "adam_step": ("AdamW step temporaries", 2 * V * h * wb if device == "cpu" else 0),
+        "adam_step": ("AdamW step temporaries", (2 * cfg.lora_r * max(m.inter, h) * 4 if lora else 2 * V * h * wb)
+                      if device == "cpu" else 0),
         "act": (f"activations kept, one micro-batch ({'checkpointed' if ckpt else 'not checkpointed'})",
                 activations),
         "rebuilt": ("one layer rebuilt in the backward (checkpointing)", b * S * per_layer if ckpt else 0),
@@ -200,8 +225,8 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
         # The backward's last step: the embedding's dense (V, h) gradient, and with tied weights the lm_head's
         # contribution (buffered since the lm_head's backward) and their sum (in place under bf16-mixed).
         "emb_grad": ("embedding gradient buffers (end of the backward)",
-                     V * h * wb * ((2 if mixed else 3) if m.tied else 1)),
-        "lm_grad": ("lm_head gradient, buffered until the embedding's (tied)", V * h * wb if m.tied else 0),
+                     0 if lora else V * h * wb * ((2 if mixed else 3) if m.tied else 1)),
+        "lm_grad": ("lm_head gradient, buffered until the embedding's (tied)", V * h * wb if m.tied and not lora else 0),
         "casts_kept": ("bf16 weight casts kept for backward (autocast)", casts_kept),
         "casts_all": ("bf16 weight casts during a forward (autocast cache)", casts_all),
         "logits": ("logits, one micro-batch", Lf),
@@ -215,8 +240,8 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
         # pack_gqa): no K/V repeated to all heads.
         "kv": ("KV cache, one generate call",
                gen_b * S * L * m.kv_heads * m.head_dim * {"fp32": 8, "bf16-mixed": 6, "bf16": 4}[precision]),
-        "acct_params": (f"entropy accounting: parameter + gradient copies ({wname})",
-                        2 * m.params * wb / ns if account else 0),
+        "acct_params": (f"entropy accounting: parameter + gradient copies ({tname})",
+                        2 * tp * tb / ns if account else 0),
     }
     keep_old = account and B * T * V <= ACCOUNT_LOGITS_MAX  # engine: old logits for pred_dz only when small
     size = min(cfg.micro_batch_size or cfg.minibatch_size, B)  # entropy_after's micro-batch
@@ -286,7 +311,7 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
             "statistics": {**after, "acct_new": 1, "chunk": 1}}
     shapes = (f"{B} rollout rows, micro-batch {b} x {S} tokens (logits {b} x {T + 1} x {V}), {k} micro-batches "
               f"in the stats pass, generate {gen_b}")
-    return _Plan(parts, ["weights", "adam", "ref", "gathered"], moments, shapes)
+    return _Plan(parts, ["weights", "adapters", "adam", "ref", "gathered"], moments, shapes)
 
 
 def memory_estimate(cfg, config, n_processes: int = 1) -> MemoryEstimate:

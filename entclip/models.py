@@ -6,12 +6,14 @@ No remote code is ever executed (trust_remote_code=False); weights are safetenso
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from entclip.config import Config
-from entclip.errors import NOT_FOUND, EntclipError
+from entclip.errors import EXISTS, NOT_FOUND, EntclipError
 
 Log = Callable[[str], None]
 
@@ -79,6 +81,10 @@ def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = Fa
         return model, _for_generation(tokenizer), {"path": str(path)}
     if where.exists():
         source = str(where)
+        if is_adapter(where) and not (where / "config.json").is_file():
+            raise EntclipError(f"{where} is a LoRA adapter checkpoint, not a whole model; evaluate it with its "
+                               "run (entclip evaluate RUN) or merge it first: entclip export-merged "
+                               f"{where} OUT_DIR", NOT_FOUND)
         if not (where / "config.json").is_file():
             raise EntclipError(f"{where} is not a model folder (no config.json); give a folder written by "
                                "save_pretrained, a .gguf file or a Hugging Face id", NOT_FOUND)
@@ -108,3 +114,88 @@ def _for_generation(tokenizer):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---- LoRA (peft) -------------------------------------------------------------------------
+ADAPTER_CONFIG = "adapter_config.json"  # what PeftModel.save_pretrained writes beside the adapter weights
+
+
+def is_adapter(path: str | Path) -> bool:
+    """A folder written by PeftModel.save_pretrained (a LoRA run's checkpoint)."""
+    return (Path(str(path)).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def require_peft() -> None:
+    """peft imports, or one line naming the pip extra that installs it."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise EntclipError("lora_r > 0 trains LoRA adapters with peft, which is not installed; "
+                           "pip install 'entclip[lora]' or set --set lora_r=0") from None
+
+
+def lora_targets(cfg: Config) -> str | list[str]:
+    """peft's target_modules: "all-linear" (every nn.Linear but the output head) or module names."""
+    names = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def add_lora(model, cfg: Config):
+    """The model wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes what the
+    base does until the first update); only the adapters require grad. LoRA dropout is 0: the engine
+    runs without dropout so that old and new log-probs come from one function."""
+    require_peft()
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=lora_targets(cfg), task_type="CAUSAL_LM")
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, lora)
+    except ValueError as exc:  # e.g. no module matches lora_target_modules
+        first = str(exc).strip().splitlines()[0][:200]
+        raise EntclipError(f"lora_target_modules={cfg.lora_target_modules!r}: {first}; use all-linear or "
+                           "names of the model's linear layers, e.g. q_proj,v_proj") from None
+
+
+def load_adapter(base, path: str | Path, trainable: bool):
+    """`base` with the LoRA adapter of checkpoint `path` (adapter_config.json + adapter_model.safetensors)."""
+    require_peft()
+    from peft import PeftModel
+
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers 5 a deprecated question (is_gradient_checkpointing); not the user's warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def export_merged(cfg: Config, ckpt: Path, out_dir: Path, log: Log) -> Path:
+    """The run's base model with the LoRA adapter of `ckpt` merged in (merge_and_unload), saved with the
+    checkpoint's tokenizer as a plain model folder (safetensors) that from_pretrained loads. `cfg` is the
+    run's config (it names the base model). Writes a temporary folder, then renames it into place."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise EntclipError(f"{out_dir} already exists; export-merged never overwrites: give a new OUT_DIR", EXISTS)
+    if not is_adapter(ckpt):
+        raise EntclipError(f"{ckpt} holds no LoRA adapter ({ADAPTER_CONFIG}); a full fine-tuning checkpoint is "
+                           "a model folder already: load it as it is", NOT_FOUND)
+    require_peft()
+    base = (load_policy(cfg, log) if cfg.model == "tiny" else
+            load_folder(cfg.model, "bf16" if cfg.precision == "bf16" else "fp32", cfg.trust_remote_code))[0]
+    merged = load_adapter(base, ckpt, trainable=False).merge_and_unload()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(ckpt)).save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -19,6 +19,7 @@ from entclip import losses, theory
 from entclip.accounting import loss_weights, quadrants
 from entclip.config import Config
 from entclip.errors import BAD_DATA, NOT_FOUND, EntclipError
+from entclip.models import is_adapter
 from entclip.tasks.arithmetic import Problem
 
 
@@ -43,7 +44,7 @@ def resolve_model(arg: str | None) -> str | None:
         if ckpt is None:
             raise EntclipError(f"run directory {path} has no checkpoint yet; give a finished run", NOT_FOUND)
         return str(ckpt)
-    if path.exists() and not (path / "config.json").exists():
+    if path.exists() and not (path / "config.json").exists() and not is_adapter(path):
         raise EntclipError(f"{path} is neither a run directory nor a model folder (no config.json)", NOT_FOUND)
     return arg
 
