@@ -314,8 +314,8 @@ class Trainer:
         acc: dict[str, float] = {}
         n_updates = skipped = 0
         self.model.train()
-        bonus_on = cfg.entropy_coef > 0 or cfg.entropy_target is not None
         micro_scope = cfg.scope == "micro"
+        upd_keep = keep.clone()  # micro scope: the current update's selections, row by row
         for e, minibatches in enumerate(epochs):
             for i, micro in enumerate(minibatches):
                 # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
@@ -343,7 +343,8 @@ class Trainer:
                         ent = None
                         if coef > 0:  # the bonus differentiates H
                             ent = theory.token_entropy(logits, cfg.temperature)
-                        elif bonus_on or cfg.entropy_control == "steer" or cfg.entropy_control == "high_entropy":
+                        elif (cfg.entropy_target is not None or cfg.entropy_control == "steer"
+                              or (micro_scope and cfg.entropy_control == "high_entropy")):
                             with torch.no_grad():  # read only: no (b, T, V) graph kept alive
                                 ent = theory.token_entropy(logits, cfg.temperature)
                         k = keep[mrows]
@@ -351,16 +352,15 @@ class Trainer:
                             gen = torch.Generator().manual_seed(  # on the CPU: the same draw on any device
                                 derive_seed(cfg.seed, cfg.entropy_control, step, e, i, j, rank))
                             k = objective.micro_filter(cfg, self.accelerator, logp, ent, old, adv, m, gen)
-                            for key, v in objective.filter_stats(k, m, adv).items():
-                                row[key] = row.get(key, 0.0) + v * float(m.sum())
+                            upd_keep[mrows] = k
                         norm, bonus_mask = objective.loss_masks(cfg, m, k)
                         terms = objective.token_terms(cfg, logp, old, adv,
                                                       None if stats.ref_logp is None else stats.ref_logp[mrows],
                                                       None if ent is None else ent.detach(), m, k)
                         loss = losses.aggregate(terms.loss, norm, cfg.loss_agg, cfg.agg_constant, denom)
-                        if bonus_on:
-                            if coef > 0:
-                                loss = loss - baselines.entropy_bonus_term(ent, bonus_mask, coef, len(micro) * n_proc)
+                        if coef > 0:
+                            loss = loss - baselines.entropy_bonus_term(ent, bonus_mask, coef, len(micro) * n_proc)
+                        if cfg.entropy_target is not None:  # the adaptive coefficient's measurement
                             h_sum += float((ent.detach() * bonus_mask).sum())
                             h_n += float(bonus_mask.sum())
                         self.accelerator.backward(loss * n_proc)  # DDP averages over processes
@@ -384,6 +384,9 @@ class Trainer:
                 clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip_to)
                 row = {k: v if k.endswith(("_min", "_max")) else v / max(n_tok, 1) for k, v in row.items()}
+                if micro_scope:  # this update's selections, over its rows
+                    rows = torch.cat(micro)
+                    row.update(objective.filter_stats(upd_keep[rows], mask[rows], adv_tok[rows]))
                 row.update({"loss/total": loss_sum * n_proc, "loss/policy": policy_sum * n_proc,
                             "kl/ref": kl_sum / max(n_tok, 1), "grad/norm": float(grad_norm)})
                 row = parallel.reduce_update(self.accelerator, row, n_tok)

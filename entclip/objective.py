@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from entclip import baselines, losses, theory
-from entclip.config import FILTERS, Config  # noqa: F401  (FILTERS re-exported)
-from entclip.parallel import gather_rows
+from entclip.config import Config
+from entclip.parallel import gather_rows, own_rows
 
 
 def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: torch.Tensor,
@@ -67,8 +67,7 @@ def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: t
         keep = valid
     if cfg.scope == "rollout":  # micro-batch selections log their shares per update
         out.update(filter_stats(keep, gmask, adv))
-    rank, B = accelerator.process_index, mask.shape[0]
-    return keep[rank * B:(rank + 1) * B, :mask.shape[1]], out
+    return own_rows(accelerator, keep, mask), out
 
 
 def filter_stats(keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
@@ -87,9 +86,8 @@ def micro_filter(cfg: Config, accelerator, logp: torch.Tensor, entropy: torch.Te
     """
     if cfg.entropy_control == "high_entropy":
         g = lambda t: gather_rows(accelerator, t)  # noqa: E731
-        keep = baselines.high_entropy_mask(g(entropy.detach()), g(mask), cfg.high_entropy_rho)
-        rank, b = accelerator.process_index, mask.shape[0]
-        return keep[rank * b:(rank + 1) * b, :mask.shape[1]]
+        return own_rows(accelerator, baselines.high_entropy_mask(g(entropy.detach()), g(mask), cfg.high_entropy_rho),
+                        mask)
     # The ratio-clipped tokens exactly as verl marks them: where the clipped branch's loss exceeds the
     # unclipped one (comparing the ratio with the bound instead can differ one float step from it).
     ratio = torch.exp(logp.detach() - old_logp)  # (b, T)

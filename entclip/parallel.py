@@ -45,6 +45,12 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(x)
 
 
+def own_rows(accelerator, gathered: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's rows of a `gather_rows` result, cut back to the width of its own `like` (B, T)."""
+    rank, b = accelerator.process_index, like.shape[0]
+    return gathered[rank * b:(rank + 1) * b, :like.shape[1]]
+
+
 def reduce_update(accelerator, row: dict[str, float], n_tok: int) -> dict[str, float]:
     """One update's metrics over all processes: loss parts add up (each is its share of the
     global aggregate, scaled by N for DDP's mean: so the mean), kl/ref and the token fractions
