@@ -211,10 +211,7 @@ def _create_run(cfg, path: Path, overwrite: bool):
 def _check_sources(cfg) -> None:
     """A tracker package that is missing, a Hugging Face model or dataset that cannot be read stop
     here, one line each."""
-    from entclip.trackers import check_installed
-
-    check_installed(cfg.report_to)
-    _check_lora(cfg)
+    _check_packages(cfg)
     if cfg.model == "tiny" and not cfg.dataset:
         return
     from entclip.errors import NOT_FOUND
@@ -228,7 +225,11 @@ def _check_sources(cfg) -> None:
         raise EntclipError(problems[-1], NOT_FOUND)
 
 
-def _check_lora(cfg) -> None:
+def _check_packages(cfg) -> None:
+    """The optional packages the config needs (tracker extras, peft for LoRA): one line naming the extra."""
+    from entclip.trackers import check_installed
+
+    check_installed(cfg.report_to)
     if cfg.lora_r > 0:
         from entclip.models import require_peft
 
@@ -237,6 +238,7 @@ def _check_lora(cfg) -> None:
 
 def _dry_run_checks(cfg) -> None:
     """For a Hugging Face model or dataset: can everything be reached, and what memory it needs."""
+    _check_packages(cfg)  # any model: the run would stop here
     if cfg.model == "tiny" and not cfg.dataset:
         return
     from entclip.memory import memory_estimate, render_memory
@@ -288,11 +290,8 @@ def _sweep(seeds: str | None, presets: str | None, config, flags: dict, sets: li
             _check_task(cfg)
             _warn_inert(cfg, seen)
             plan.append(cfg)
-    from entclip.trackers import check_installed
-
     for cfg in plan:  # refuse before any run starts
-        check_installed(cfg.report_to)
-        _check_lora(cfg)
+        _check_packages(cfg)
         path = Path(cfg.out_dir) / cfg.name
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise EntclipError(f"run directory {path} already exists; pass --overwrite or another --name",
@@ -337,12 +336,9 @@ def _resume(path: Path, quiet: bool) -> None:
     from entclip.console import Progress
     from entclip.loop import train as run_train
     from entclip.rundir import CONFIG, RunDir, checkpoint_step, latest_checkpoint
-    from entclip.trackers import check_installed
-
     if (path / CONFIG).exists():
         cfg = resolve(config_file=str(path / CONFIG))
-        check_installed(cfg.report_to)  # before reopen trims the run's files
-        _check_lora(cfg)
+        _check_packages(cfg)  # before reopen trims the run's files
         ckpt = latest_checkpoint(path)
         if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
             raise EntclipError(f"--resume {path}: the run already finished its {cfg.steps} steps; "

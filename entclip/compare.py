@@ -208,6 +208,7 @@ def plot(runs: list[LoadedRun], path: Path) -> None:
         ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from entclip.plots import save
+
+    save(fig, path)  # atomic, format from the suffix, one-line error for an unwritable path
     plt.close(fig)

@@ -7,6 +7,7 @@ No remote code is ever executed (trust_remote_code=False); weights are safetenso
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -163,6 +164,15 @@ def load_adapter(base, path: str | Path, trainable: bool):
     require_peft()
     from peft import PeftModel
 
+    # The adapter only means something on the base it was trained on: a checkpoint evaluated under
+    # another config (another seed's warm start, another model) would load without complaint.
+    # Compared by last path component, so a base folder that moved still matches.
+    trained_on = json.loads((Path(str(path)).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    loaded = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
+    if trained_on and loaded and Path(str(trained_on)).name != Path(str(loaded)).name:
+        raise EntclipError(f"the adapter in {path} was trained on {trained_on}, but this config's base model is "
+                           f"{loaded}; give the run directory (its config.yaml names the base) or "
+                           "--config RUN/config.yaml")
     with _quiet_peft():
         return PeftModel.from_pretrained(base, str(path), is_trainable=trainable)
 

@@ -8,15 +8,13 @@ panel carries a gid naming it, so tests can read the panel set off the Figure.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 from entclip.errors import BAD_CONFIG, NOT_FOUND, EntclipError
 from entclip.report import QUADS, calibration
-from entclip.rundir import LoadedRun, eval_set_names
+from entclip.rundir import LoadedRun, eval_set_names, write_atomic
 
 PREDICTIONS = {"entropy/pred_param": "first order, measured parameter change",
                "entropy/pred_dz": "first order, measured logit change",
@@ -206,17 +204,10 @@ def save(fig, path: Path) -> None:
     """Write the figure atomically (temporary name, then rename); the format follows the suffix."""
     buf = io.BytesIO()
     fig.savefig(buf, format=image_format(path), dpi=110)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, buf.getvalue())
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise EntclipError(f"--plot {path}: cannot write there ({exc.strerror or type(exc).__name__}); "
                            "choose a writable path, e.g. --plot analyze.png", NOT_FOUND) from None
 

@@ -233,15 +233,29 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
     assert torch.isfinite(torch.tensor([row["entropy/pred_param"], row["loss/total"]])).all()
     assert all(torch.equal(p, before[n]) for n, p in named.items() if n not in adapters)
     assert any(not torch.equal(named[n], before[n]) for n in adapters if "lora_B" in n)
-    trainer.policy.save_pretrained(tmp_path / "adapter")
+    from entclip.models import export_merged
+
+    trainer.policy.save_pretrained(tmp_path / "adapter")  # a checkpoint's adapter and tokenizer
+    trainer.tokenizer.save_pretrained(tmp_path / "adapter")
     trainer.rewards.close()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         want = trainer.policy.eval()(ids).logits
-    merged = trainer.policy.merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
+    export_merged(cfg, tmp_path / "adapter", tmp_path / "merged", lambda s: None)  # the Hugging Face base
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         got = loaded(ids).logits
     # merging reorders 30 layers' float32 sums: logits of magnitude ~20 agree to ~3e-4
     assert torch.allclose(got, want, atol=2e-3, rtol=1e-4)
+
+
+
+def test_a_checkpoint_evaluated_on_another_base_is_refused(lora_run):
+    """The run trained on its seed's warm start; another seed's config builds another base model."""
+    from entclip.models import load_adapter, load_policy
+
+    cfg, run = lora_run
+    other = resolve(sets=tiny_sets(**LORA, seed=cfg.seed + 1))
+    base = load_policy(other, lambda s: None)[0]
+    with pytest.raises(EntclipError, match="was trained on .* give the run directory"):
+        load_adapter(base, run / "checkpoints" / "step_000002", trainable=False)

@@ -100,8 +100,6 @@ def _wandb_folders(run: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    pytest.importorskip("tensorboardX")
-    pytest.importorskip("wandb")
     out = tmp_path_factory.mktemp("tracked")
     res = _train(out, "r", report_to="tensorboard,wandb", steps=3, eval_every=2)
     assert res.exit_code == 0, res.output
@@ -127,7 +125,6 @@ def test_wandb_offline_run_in_the_run_directory_holds_every_row_under_the_stored
 
 
 def test_trackio_local_store_holds_every_row_under_the_run_name(tmp_path):
-    pytest.importorskip("trackio")
     from trackio.sqlite_storage import SQLiteStorage
 
     res = _train(tmp_path / "trk-proj", "r", report_to="trackio", steps=2, eval_every=1)
@@ -142,7 +139,6 @@ def test_trackio_local_store_holds_every_row_under_the_run_name(tmp_path):
 
 
 def test_a_tracker_that_raises_is_reported_once_and_the_run_completes(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboardX")
     from entclip import trackers
 
     calls = []
@@ -173,8 +169,6 @@ def test_a_missing_tracker_package_stops_with_one_line_naming_the_extra_before_t
 
 
 def test_resume_continues_tensorboard_and_wandb_without_a_repeated_step(tmp_path):
-    pytest.importorskip("tensorboardX")
-    pytest.importorskip("wandb")
     from entclip.loop import train
 
     cfg = resolve(sets=[*tiny_sets(steps=4, eval_every=2, save_every=2, keep_checkpoints=0),
