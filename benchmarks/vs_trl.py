@@ -155,14 +155,21 @@ def main() -> None:
     task = ArithmeticTask(max_operand=cfg0.max_operand, n_test=cfg0.n_test)
 
     runners = {}
+    # clip_v+accounting runs at the default cadence (accounting_every): its mean step, not its median,
+    # is what a run pays; the every-step variants give the cost of one accounted step of each unit.
     entclip_variants = {"entclip": ["entropy_control=none", "entropy_accounting=false"],
-                        "entclip clip_v+accounting": ["entropy_control=clip_v", "entropy_accounting=true"]}
+                        "entclip clip_v+accounting": ["entropy_control=clip_v", "entropy_accounting=true"],
+                        "entclip clip_v+accounting every step": ["entropy_control=clip_v", "entropy_accounting=true",
+                                                                 "accounting_every=1"],
+                        "entclip clip_v+accounting every step, unit=step": [
+                            "entropy_control=clip_v", "entropy_accounting=true", "accounting_every=1",
+                            "accounting_unit=step"]}
     for name, extra in entclip_variants.items():
         tr = engine.Trainer(resolve(sets=common + extra), None, log=lambda s: None, model_path=path)
         runners[name] = tr.step
     floor = FloorGRPO(path, task, 8, 8, args.max_new_tokens, 1e-4, seed=0)
     runners["floor (hand-written)"] = lambda i: floor.step()
-    lengths = {"entclip": [], "entclip clip_v+accounting": []}
+    lengths = {name: [] for name in entclip_variants}
 
     rec = {name: [] for name in ["TRL GRPOTrainer", *runners]}
     trl_gap: list[float] = []
@@ -232,15 +239,19 @@ def main() -> None:
     lens = {"TRL GRPOTrainer": trl_len, "TRL, step only (no loop)": trl_len,
             "floor (hand-written)": floor.lengths, **lengths}
     t_trl, t_floor = median(rec["TRL GRPOTrainer"]), median(rec["floor (hand-written)"])
+    mean = lambda ts: sum(ts) / len(ts)  # noqa: E731
+    a_trl = mean(rec["TRL GRPOTrainer"])
     rows = []
     for name, ts in rec.items():
         m = median(ts)
         ln = lens.get(name) or []
         rows.append([name, f"{m * 1e3:.1f} ({spread([t * 1e3 for t in ts])})", f"{1 / m:.2f}",
-                     f"**{t_trl / m:.2f}**", f"{t_floor / m:.2f}",
-                     f"{sum(ln) / len(ln):.2f}" if ln else "-"])
+                     f"**{t_trl / m:.2f}**", f"{t_floor / m:.2f}", f"{mean(ts) * 1e3:.1f}",
+                     f"**{a_trl / mean(ts):.2f}**", f"{sum(ln) / len(ln):.2f}" if ln else "-"])
     table(["variant", "ms/step median (min..max)", "steps/s", "steps/s vs TRL", "steps/s vs floor",
-           "mean completion tokens"], rows)
+           "ms/step mean", "mean steps/s vs TRL (whole run)", "mean completion tokens"], rows)
+    print(f"\naccounting_every (default) = {resolve().accounting_every}, accounting_unit = "
+          f"{resolve().accounting_unit}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ class Config:
     report_to: tuple = _f((), "experiment trackers that also get every metrics.jsonl and eval.jsonl row: "
                           "none, or a comma-separated list of tensorboard, trackio, wandb")
     # ---- task and model -------------------------------------------------------------------
-    task: Literal["arithmetic"] = _f("arithmetic", "built-in offline task (used when no dataset is set)")
+    task: Literal["arithmetic", "countdown"] = _f(
+        "arithmetic", "built-in offline task (used when no dataset is set): arithmetic (a+b=) or countdown "
+        "(reach a target from 3-4 numbers with + - *, steps written out; several answers are right)")
     dataset: str | None = _f(None, "training prompts: a Hugging Face dataset id or a local "
                              ".jsonl/.json/.csv/.parquet file (null = the built-in task)")
     dataset_config: str | None = _f(None, "the dataset's configuration name, if it has several")
@@ -61,11 +63,15 @@ class Config:
     eval_sets: tuple = _f((), "held-out sets for a dataset run: a list of {name, source, split, config, "
                           "prompt_field, answer_field, n}; source defaults to the training dataset")
     reward: str = _f("auto", "comma-separated NAME[=WEIGHT]: exact, math (math-verify), format (a \\boxed "
-                     "answer) or module:function; auto = exact for the built-in task, math for datasets")
+                     "answer), countdown or module:function; auto = the built-in task's verifier (exact or countdown), "
+                     "math for datasets")
     reward_timeout: float = _f(10.0, "seconds one completion's reward may take (math and custom rewards "
                                "run in a worker process; a timeout or error scores 0 and is counted)")
     max_operand: int = _f(99, "arithmetic: operands are drawn from 0..max_operand")
-    n_test: int = _f(500, "arithmetic: problems held out for evaluation")
+    n_test: int = _f(500, "built-in task: problems held out for evaluation")
+    countdown_numbers: int = _f(3, "countdown: numbers per problem, 3 or 4 (an answer takes one step fewer)")
+    countdown_max_number: int = _f(9, "countdown: numbers are drawn from 1..countdown_max_number (2..20)")
+    countdown_max_target: int = _f(100, "countdown: targets are the reachable values in 1..countdown_max_target")
     model: str = _f("tiny", "policy: 'tiny' (built-in, warm-started), a local model folder, a .gguf file, "
                     "or a Hugging Face id")
     trust_remote_code: bool = _f(False, "let transformers run a model's own code (only for models you trust)")
@@ -159,7 +165,11 @@ class Config:
     sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens whose statistic is > 0 (pos) or < 0 (neg)")
     sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
-    accounting_every: int = _f(1, "entropy accounting cadence in steps (raise it for large models)")
+    accounting_every: int = _f(5, "entropy accounting cadence in steps: every 5th step (an accounted step costs about 2x a plain one on the tiny model; raise it for large models)")
+    accounting_unit: Literal["update", "step"] = _f(
+        "update", "update = account every optimizer update on its own, with the second-order (trapezoid) "
+        "prediction (one forward+backward over the batch after each update); step = the step as a whole, "
+        "first order only (one forward after the step)")
     # ---- evaluation -----------------------------------------------------------------------
     eval_n: int = _f(500, "held-out problems per evaluation (the built-in task holds out n_test=500)")
     eval_k: int = _f(8, "samples per problem for avg@k and pass@k")
@@ -355,15 +365,20 @@ def inert_settings(c: Config) -> list[str]:
                    "before weighting; set dual_clip_c: 3.0 (--preset steer does)")
     if changed("loss_agg_constant") and c.loss_agg != "constant":
         out.append(f"loss_agg_constant={c.loss_agg_constant} has no effect with loss_agg={c.loss_agg}")
-    if changed("accounting_every") and not c.entropy_accounting:
-        out.append(f"accounting_every={c.accounting_every} has no effect with entropy_accounting=false")
+    for k in ("accounting_every", "accounting_unit"):
+        if changed(k) and not c.entropy_accounting:
+            out.append(f"{k}={getattr(c, k)} has no effect with entropy_accounting=false")
     if c.model != "tiny":
         out += [f"{k}={getattr(c, k)} has no effect: it sets the built-in tiny model, and model={c.model}"
                 for k in ("tiny_hidden", "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_lr",
                           "warmup_max_steps", "warmup_target_acc") if changed(k)]
+    countdown_keys = ("countdown_numbers", "countdown_max_number", "countdown_max_target")
     if c.dataset:
         out += [f"{k}={getattr(c, k)} has no effect: it sets the built-in task, and dataset={c.dataset}"
-                for k in ("max_operand", "n_test") if changed(k)]
+                for k in ("max_operand", "n_test", *countdown_keys) if changed(k)]
+    else:
+        other = countdown_keys if c.task == "arithmetic" else ("max_operand",)
+        out += [f"{k}={getattr(c, k)} has no effect with task={c.task}" for k in other if changed(k)]
     return out
 
 

@@ -267,8 +267,41 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         h_sum = parallel.global_sum(self.accelerator, float((stats.entropy * mask).sum()))
         acct = StepAccount(params=[p.detach().clone() for p in params], grad_h=grad_h,
-                           logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid, shape=(B, T))
+                           logits=old_logits, h_old=h_sum / n_valid, n_valid=n_valid, shape=(B, T),
+                           per_update=cfg.accounting_unit == "update")
         return stats, acct
+
+    def entropy_grad(self, roll: Rollout, micro: list[torch.Tensor], keep_logits: bool
+                     ) -> tuple[float, torch.Tensor | None]:
+        """Hbar (all processes) at the current parameters, with grad_theta Hbar left in .grad: one forward
+        and backward per micro-batch of `micro` (this process's rows). Also the logits (B, T, V) if asked.
+        The per-update accounting's pass: it measures Hbar(theta_u+1) and gives g_u+1 at once."""
+        cfg, T = self.cfg, roll.completion_ids.shape[1]
+        ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        n_proc = self.accelerator.num_processes
+        n_valid = max(parallel.global_sum(self.accelerator, mask.sum()), 1.0)
+        self.model.train()  # as the stats pass: the same function, checkpointing allowed
+        h_sum, kept = 0.0, None
+        for rows in micro:
+            with self.autocast():
+                logits = completion_logits(self.model, ids[rows], am[rows], T)  # (b, T, V)
+            # token_stats, as for Hbar before the step: "measured" is a difference of one computation
+            ent = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature).entropy
+            h_sum += float((ent * mask[rows]).sum())
+            h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
+            self.accelerator.backward(h_part)  # DDP averages: x N
+            if keep_logits:
+                if kept is None:
+                    kept = torch.empty(ids.shape[0], T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
+                kept[rows] = logits.detach()
+        return parallel.global_sum(self.accelerator, h_sum) / n_valid, kept
+
+    def account_end(self, roll: Rollout, account: StepAccount) -> tuple[torch.Tensor | None, float]:
+        """Logits (or None) and Hbar after the step's updates: per update, those of the last record;
+        per step, one forward over the batch (entropy_after)."""
+        if account.per_update:
+            return account.last_logits, account.h_u
+        return self.entropy_after(roll, keep_logits=account.logits is not None)
 
     @torch.no_grad()
     def ref_logits(self, ids: torch.Tensor, am: torch.Tensor, T: int) -> torch.Tensor:
@@ -404,6 +437,19 @@ class Trainer:
                 self.nonfinite_streak = 0
                 self.opt.step()
                 self.sched.step()
+                if account is not None and account.per_update:  # this update accounted on its own
+                    t_acc = time.perf_counter()
+                    params = trainable(self.model)
+                    account.update_taken(params, [p.grad for p in params])  # the loss gradient it used
+                    self.opt.zero_grad(set_to_none=True)
+                    # Not alive beside the pass's own: the last micro-batch's logits, the previous record's.
+                    logits = account.last_logits = None
+                    h_new, new_logits = self.entropy_grad(roll, [m for mb in epochs[0] for m in mb],
+                                                          keep_logits=account.logits is not None)
+                    account.record(h_new, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params],
+                                   params, new_logits)
+                    new_logits = None
+                    self.accounting_s += time.perf_counter() - t_acc
                 self.opt.zero_grad(set_to_none=True)
                 if cfg.entropy_target is not None:  # adaptive bonus: once per optimizer update, as TRL
                     h = parallel.global_sum(self.accelerator, h_sum) / max(parallel.global_sum(self.accelerator, h_n), 1.0)
@@ -462,7 +508,7 @@ class Trainer:
         acct: dict[str, float] = {}
         if account is not None:
             t_acc = time.perf_counter()
-            new_logits, h_new = self.entropy_after(roll, keep_logits=account.logits is not None)
+            new_logits, h_new = self.account_end(roll, account)
             acct = account.finish(new_logits, h_new, [p.detach() for p in trainable(self.model)],
                                   stats, adv_tok, mask, cfg.temperature)
             acct = parallel.reduce_account(self.accelerator, acct, int(mask.sum()))

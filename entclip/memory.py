@@ -251,7 +251,16 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
     parts["acct_new"] = ("entropy accounting: logits after the step",
                          (B if keep_old else size) * (T + 1) * V * e if account else 0)
     parts["acct_cat"] = ("entropy accounting: their concatenation", B * T * V * e if keep_old else 0)
+    by_update = account and cfg.accounting_unit == "update"
+    # Per update (accounting_unit=update): g_u, a third parameter-sized copy from the first record on, and
+    # the logits (B, T, V) of the latest record (kept for pred_dz when the old ones are), alive between
+    # the updates; the pass after each update (engine.entropy_grad) writes the next ones into a new buffer.
+    parts["acct_gu"] = (f"entropy accounting: g_u copy, per update ({tname})", tp * tb / ns if by_update else 0)
+    parts["acct_kept"] = ("entropy accounting: logits at the latest update", B * T * V * e if by_update and keep_old
+                          else 0)
     acct = {"acct_params": 1, "acct_old": 1}
+    if by_update and cfg.epochs * cfg.minibatches > 1:  # a later update runs with the earlier ones' copies
+        acct.update({"acct_gu": 1, "acct_kept": 1})
 
     # The updates. Each forward starts while the previous micro-batch's logits are still bound (engine's
     # loop variable): two logits and a forward's autocast cache. The backward holds the logits' gradients
@@ -303,7 +312,20 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
 
     moments = {"stats pass": stats, "update": update,
                "generation": {"generate": {"casts_all": 1, "kv": 1}}}
-    if account:
+    if by_update:
+        # engine.entropy_grad after each update: a forward and grad-H backward per stats-pass micro-batch;
+        # parameter gradients accumulate from the first backward on; then record copies g_u+1.
+        base = {"acct_params": 1, "acct_old": 1, "acct_gu": int(cfg.epochs * cfg.minibatches > 1)}
+        later = {"grads": int(k > 1), "acct_kept": int(k > 1)}
+        moments["accounting"] = {
+            "forward": {**base, **later, "act": 1, "casts_all": 1, "logits": 1 + (k > 1)},
+            "statistics": {**base, **later, "act": 1, "casts_kept": 1, "logits": 1, "chunk": 1},
+            "grad H": {**base, **later, "act": 1, "casts_kept": 1, "logits": 1, "dlogits_h": 1},
+            "embedding backward": {**base, "acct_kept": 1, "grads": 1, "logits": 1, "emb_grad": 1},
+            "record": {**base, "acct_kept": 1, "grads": 1, "logits": 1, "acct_gu": 1}}
+        moments["update"] = {**moments["update"], **{f"accounting: {k_}": v for k_, v in
+                                                     moments["accounting"].items()}}
+    elif account:
         after = {"acct_params": 1, "acct_old": 1}
         moments["accounting"] = {
             "forward": {**after, "acct_new": 1 + (not keep_old and B > size), "casts_all": 1},

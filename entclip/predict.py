@@ -132,7 +132,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
     applied = None
     if apply:
         trainer.update(1, roll, stats, adv_tok, keep, plan, account)
-        new_logits, h_new = trainer.entropy_after(roll)
+        new_logits, h_new = trainer.account_end(roll, account)
         applied = account.finish(new_logits, h_new, [p.detach() for p in trainer.model.parameters()],
                                  stats, adv_tok, mask, cfg.temperature)
     return Prediction(records, totals, applied)

@@ -66,6 +66,17 @@ def calibration(pred: list[float], measured: list[float]) -> dict[str, Any]:
 
 
 QUADS = ("pos_devpos", "pos_devneg", "neg_devpos", "neg_devneg")
+# Every prediction of the measured entropy change a run may log (accounting.py), weakest assumption last.
+PREDICTIONS = {
+    "entropy/pred_logit": "logit level, positions independent (paper)",
+    "entropy/pred_logit_eff": "logit level, the optimizer's effective step size",
+    "entropy/pred_dz": "first order, measured logit change",
+    "entropy/pred_param": "first order, measured parameter change (whole step)",
+    "entropy/pred_param_upd": "first order per update, summed",
+    "entropy/pred_param2": "second order per update (trapezoid), summed",
+}
+# A second-order part above this share of the prediction: the updates leave the first-order regime.
+REGIME_GAP = 0.1
 
 
 def _entropy_accounting(m: list[dict[str, Any]], segments: int = 4) -> dict[str, Any]:
@@ -74,11 +85,18 @@ def _entropy_accounting(m: list[dict[str, Any]], segments: int = 4) -> dict[str,
         return {}
     measured = [r["entropy/measured"] for r in rows]
     out: dict[str, Any] = {"calibration": {}}
-    for key in ("entropy/pred_logit", "entropy/pred_dz", "entropy/pred_param"):
+    for key in PREDICTIONS:
         pairs = [(r[key], r["entropy/measured"]) for r in rows if isinstance(r.get(key), (int, float))]
         if pairs:
             out["calibration"][key] = calibration([p for p, _ in pairs], [y for _, y in pairs])
     out["measured_total"] = sum(measured)
+    gaps = [(abs(r["entropy/order_gap"]), abs(r["entropy/pred_param2"])) for r in rows
+            if isinstance(r.get("entropy/order_gap"), (int, float)) and isinstance(r.get("entropy/pred_param2"), (int, float))]
+    if gaps:  # how far the updates are from the first-order regime
+        rel = sorted(g / p if p > 0 else 0.0 for g, p in gaps)
+        out["order_gap"] = {"n": len(rel), "median_rel": rel[len(rel) // 2],
+                            "share_above": sum(x > REGIME_GAP for x in rel) / len(rel), "threshold": REGIME_GAP,
+                            "total_rel": sum(g for g, _ in gaps) / max(sum(p for _, p in gaps), 1e-30)}
     quads = []
     size = max(1, -(-len(rows) // segments))
     for i in range(0, len(rows), size):
@@ -192,13 +210,19 @@ def render(summary: dict[str, Any], console) -> None:
                           f"({acct['calibration'].get('entropy/pred_param', {}).get('n', 0)} accounted steps)")
         for c in ("prediction", "pearson", "spearman", "sign agreement", "slope"):
             cal.add_column(c, justify="left" if c == "prediction" else "right")
-        labels = {"entropy/pred_logit": "logit level, positions independent (paper)",
-                  "entropy/pred_dz": "first order, measured logit change",
-                  "entropy/pred_param": "first order, measured parameter change"}
         for key, c in acct["calibration"].items():
-            cal.add_row(labels[key], _fmt(c["pearson"]), _fmt(c["spearman"]), _fmt(c["sign_agreement"]),
+            cal.add_row(PREDICTIONS[key], _fmt(c["pearson"]), _fmt(c["spearman"]), _fmt(c["sign_agreement"]),
                         f"{c['slope']:.3g}" if c["slope"] is not None else "-")
         console.print(cal)
+        gap = acct.get("order_gap")
+        if gap:
+            verdict = ("[yellow]the updates leave the first-order regime: a first-order theory (the paper's "
+                       "included) misses a visible part of each step; lower lr or take smaller updates to "
+                       "stay inside it[/yellow]" if gap["median_rel"] > gap["threshold"] else
+                       "first order describes these updates: the second-order part is small")
+            console.print(f"second-order part of the predicted change (|pred_param2 - pred_param_upd| / "
+                          f"|pred_param2|): median {gap['median_rel']:.3f}, above {gap['threshold']:g} on "
+                          f"{gap['share_above']:.0%} of the accounted steps; {verdict}")
         quad = Table(title="quadrants over the run: token share / summed logit-level prediction")
         quad.add_column("steps")
         for q in QUADS:
@@ -259,11 +283,9 @@ def render_prediction(pred, console, top: int = 8) -> None:
         app = Table(title="the step taken (--apply): predicted vs measured change of mean token entropy")
         app.add_column("quantity")
         app.add_column("value", justify="right")
-        for key, label in [("entropy/pred_logit", "logit level, positions independent (paper)"),
-                           ("entropy/pred_dz", "first order, measured logit change"),
-                           ("entropy/pred_param", "first order, measured parameter change"),
-                           ("entropy/measured", "measured")]:
-            app.add_row(label, f"{a[key]:+.4e}")
+        for key, label in [*PREDICTIONS.items(), ("entropy/measured", "measured")]:
+            if key in a:
+                app.add_row(label, f"{a[key]:+.4e}")
         console.print(app)
         console.print("[dim]The logit-level figure assumes plain gradient ascent at step lr moving each position "
                       "alone; Adam's normalized steps and shared parameters make a real step larger and "

@@ -62,6 +62,7 @@ def figures(path: Path) -> dict:
         for stat, v in cal.items():
             if stat != "n" and v is not None:
                 out[f"{key}:{stat}"] = v
+    out["gap_median"] = acct.get("order_gap", {}).get("median_rel")
     return out
 
 
@@ -121,18 +122,24 @@ def seeds(paths: list[str]) -> None:
 
 
 def calibration(paths: list[str]) -> None:
+    """Mean ± std over runs of each prediction's calibration, then every run's Pearson on its own."""
+    from entclip.report import PREDICTIONS
+
     f = [figures(Path(p)) for p in paths]
-    names = {"entropy/pred_logit": "logit level, positions independent (paper)",
-             "entropy/pred_dz": "first order, measured logit change",
-             "entropy/pred_param": "first order, measured parameter change"}
     rows = []
-    for key, label in names.items():
+    for key, label in PREDICTIONS.items():
         have = [x for x in f if f"{key}:pearson" in x]
         if have:
             rows.append([label] + [ms([x[f"{key}:{s}"] for x in have], fmt) for s, fmt in
-                                   (("pearson", ".2f"), ("spearman", ".2f"), ("sign_agreement", ".2f"),
+                                   (("pearson", ".3f"), ("spearman", ".3f"), ("sign_agreement", ".2f"),
                                     ("slope", ".2g"))])
     table(["prediction", "Pearson", "Spearman", "sign agreement", "slope"], rows)
+    keys = [k for k in PREDICTIONS if any(f"{k}:pearson" in x for x in f)]
+    print("\nPearson per run:\n")
+    per = [[Path(p).name] + [f"{x[f'{k}:pearson']:.3f}" if x.get(f"{k}:pearson") is not None else "-" for k in keys]
+           + [f"{x['gap_median']:.3f}" if x.get("gap_median") is not None else "-"]
+           for p, x in zip(paths, f)]
+    table(["run"] + [k.split("/")[1] for k in keys] + ["second-order part (median)"], per)
     print(f"\nCorollary 3.5: batch mean of S* - E_p[S] {ms([x['dev_mean'] for x in f], '.1e')}, "
           f"of S* {ms([x['disc_mean'] for x in f], '.3f')}; step time {ms([x['step_s'] for x in f], '.3f')} s")
 

@@ -31,7 +31,7 @@ TINY = {
     "tiny_hidden": 64, "tiny_layers": 2, "tiny_heads": 2, "tiny_ffn": 128,
     "warmup_max_steps": 300, "warmup_target_acc": 0.3, "warmup_lr": 3e-3,
     "prompts_per_step": 4, "group_size": 4, "minibatches": 2, "steps": 2,
-    "eval_n": 8, "eval_k": 4, "eval_every": 1, "log_every": 1,
+    "eval_n": 8, "eval_k": 4, "eval_every": 1, "log_every": 1, "accounting_every": 1,
 }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_sets
 from entclip import losses, theory
-from entclip.accounting import loss_weights, quadrants
+from entclip.accounting import StepAccount, loss_weights, quadrants
 from entclip.config import resolve
 from entclip.engine import train
 from entclip.rundir import RunDir, load_run
@@ -126,6 +126,85 @@ def test_accounting_can_be_turned_off_and_thinned(tmp_path):
     train(cfg, run, log=lambda s: None)
     rows = _metric_rows(run.path)
     assert "entropy/measured" not in rows[0] and "entropy/measured" in rows[1]
+
+
+def _hand_account(per_update=True):
+    """theta_0 = (1, 2), g_0 = (0.5, -1), Hbar(theta_0) = 0.7 over 4 tokens of one (1, 2) sequence."""
+    return StepAccount(params=[torch.tensor([1.0, 2.0])], grad_h=[torch.tensor([0.5, -1.0])], logits=None,
+                       h_old=0.7, n_valid=4.0, shape=(1, 2), per_update=per_update)
+
+
+def _finish(acct):
+    zeros = torch.zeros(1, 2)
+    stats = type("S", (), {"disc": zeros, "baseline": zeros})()
+    return acct.finish(acct.last_logits, acct.h_u, [], stats, zeros, torch.ones(1, 2), 1.0)
+
+
+def test_each_update_is_accounted_at_its_own_start_and_by_the_trapezoid():
+    acct = _hand_account()
+    g1 = torch.tensor([0.3, -0.5])
+    acct.record(0.68, [g1], [torch.tensor([1.1, 1.9])], None)  # d = (0.1, -0.1)
+    g1.zero_()  # the engine passes the live .grad: the account must hold its own copy
+    acct.record(0.69, [torch.tensor([0.1, 0.2])], [torch.tensor([1.0, 2.0])], None)  # d = (-0.1, 0.1)
+    out = _finish(acct)
+    # update 1: g_0.d = 0.15, g_1.d = 0.08 -> trapezoid 0.115; update 2: g_1.d = -0.08, g_2.d = 0.01 -> -0.035
+    assert out["entropy/pred_param_upd"] == pytest.approx(0.15 - 0.08)
+    assert out["entropy/pred_param2"] == pytest.approx(0.115 - 0.035)
+    assert out["entropy/order_gap"] == pytest.approx(0.01)
+    assert out["entropy/pred_param"] == pytest.approx(0.0, abs=1e-7)  # g_0 . (theta_2 - theta_0), theta_2 = theta_0
+    assert out["entropy/measured"] == pytest.approx(0.69 - 0.7)
+    assert out["entropy/updates_accounted"] == 2
+
+
+def test_effective_learning_rate_is_the_optimizer_step_projected_on_the_loss_gradient():
+    acct = _hand_account()
+    g = torch.tensor([2.0, -4.0])
+    acct.drive = torch.tensor([[0.01, 0.03]])  # Theorem 3.3 drive of the first update's tokens
+    acct.update_taken([torch.tensor([1.0, 2.0]) - 0.05 * g], [g])  # plain gradient descent at 0.05
+    acct.record(0.7, [torch.zeros(2)], [torch.tensor([1.0, 2.0]) - 0.05 * g], None)
+    acct.drive = torch.tensor([[0.02, 0.03]])  # the second update adds 0.01
+    theta = acct.params[0].clone()
+    acct.update_taken([theta + torch.tensor([0.3, 0.0])], [torch.tensor([-1.0, 1.0])])  # eta = 0.3 / 2
+    out = _finish(acct)
+    assert out["entropy/pred_logit_eff"] == pytest.approx(0.05 * 0.04 + 0.15 * 0.01)
+
+
+def test_update_and_step_units_train_alike_and_agree_on_the_whole_step(tmp_path):
+    rows = {}
+    for unit in ("update", "step"):
+        cfg = resolve(sets=tiny_sets(steps=3, accounting_unit=unit, eval_every=0))
+        run = RunDir.create(tmp_path / unit)
+        run.write_config(cfg.to_yaml())
+        train(cfg, run, log=lambda s: None)
+        rows[unit] = _metric_rows(run.path)
+    for upd, stp in zip(rows["update"], rows["step"]):
+        for key in ("reward/mean", "entropy/mean", "loss/total", "grad/norm"):  # the accounting never steers
+            assert upd[key] == stp[key], key
+        assert upd["entropy/pred_param"] == pytest.approx(stp["entropy/pred_param"], rel=1e-4, abs=1e-9)
+        assert upd["entropy/measured"] == pytest.approx(stp["entropy/measured"], abs=1e-6)
+        assert upd["entropy/pred_dz"] == pytest.approx(stp["entropy/pred_dz"], rel=1e-4, abs=1e-9)
+        assert upd["entropy/updates_accounted"] == 2  # minibatches=2, epochs=1
+        assert "entropy/pred_param2" not in stp
+
+
+@pytest.fixture(scope="module")
+def large_step_run(tmp_path_factory):
+    """30 steps of 8 x 8 at AdamW lr 3e-4 on the tiny model: updates where first order visibly misses."""
+    cfg = resolve(sets=tiny_sets(steps=30, prompts_per_step=8, group_size=8, eval_every=0, lr=3e-4))
+    run = RunDir.create(tmp_path_factory.mktemp("acct-large") / "r")
+    run.write_config(cfg.to_yaml())
+    train(cfg, run, log=lambda s: None)
+    return load_run(run.path)
+
+
+def test_second_order_prediction_tracks_large_steps_better_than_first_order(large_step_run):
+    rows = large_step_run.metrics
+    measured = [r["entropy/measured"] for r in rows]
+    err = {k: sum((r[k] - m) ** 2 for r, m in zip(rows, measured))
+           for k in ("entropy/pred_param", "entropy/pred_param_upd", "entropy/pred_param2")}
+    assert err["entropy/pred_param2"] < 0.5 * err["entropy/pred_param_upd"]
+    assert err["entropy/pred_param_upd"] < err["entropy/pred_param"]  # per update beats the whole step
+    assert pearson([r["entropy/pred_param2"] for r in rows], measured) >= 0.95
 
 
 def _metric_rows(path):

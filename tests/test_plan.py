@@ -279,7 +279,9 @@ def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
                    torch.randint(0, V, (B, T), generator=gen), torch.ones(B, T, dtype=torch.long), [""] * B, [""] * B)
     trainer.rollout = lambda step: (roll, torch.arange(B, dtype=torch.float32) % 3, [False] * B)
     trainer.row_ids = [(i, 0) for i in range(B)]
-    phases = {"batch_stats": "stats pass", "update": "update", "entropy_after": "accounting"}
+    # the per-update accounting's pass (entropy_grad) runs inside update: the update phase includes it
+    phases = {"batch_stats": "stats pass", "update": "update", "entropy_after": "accounting",
+              "entropy_grad": "accounting"}
     for method, phase in phases.items():
         def marked(*args, _run=getattr(trainer, method), _phase=phase, **kwargs):
             with record_function(_phase):
@@ -313,6 +315,7 @@ def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
     ("fp32", {"entropy_accounting": True, "gradient_checkpointing": True, "micro_batch_size": 1}),
     ("bf16-mixed", {"entropy_accounting": True}),
     ("bf16", {"entropy_accounting": True, "minibatches": 1, "micro_batch_size": None}),
+    ("bf16-mixed", {"entropy_accounting": True, "accounting_unit": "step"}),  # one forward after the step
     ("fp32", {"kl_coef": 0.1, "micro_batch_size": 4}),  # (bf16 on CPU: the reference's bmm copies its weight)
 ])
 def test_each_phase_matches_a_profiled_trainer_step(logits_heavy_model, precision, settings):

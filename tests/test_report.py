@@ -129,3 +129,27 @@ def test_an_unknown_metric_lists_the_close_names(tmp_path):
     with pytest.raises(EntclipError) as err:
         gates.check(load_run(_run_dir(tmp_path / "r")), [gates.parse("entropy/meen>=0.2")])
     assert err.value.exit_code == 2 and "close: entropy/mean, entropy/measured" in str(err.value)
+
+
+def _gap_run(path, gaps):
+    """A hand-written run whose accounted steps have the given second-order parts (order_gap / pred_param2)."""
+    path.mkdir()
+    (path / "config.yaml").write_text("entropy_control: none\nsteps: 4\n")
+    rows = [{"step": i, "entropy/mean": 0.5, "entropy/measured": -0.01 * i, "entropy/pred_param2": -0.01 * i,
+             "entropy/pred_param_upd": -0.01 * i * (1 - g), "entropy/order_gap": -0.01 * i * g}
+            for i, g in enumerate(gaps, 1)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_analyze_says_when_updates_leave_the_first_order_regime(tmp_path):
+    small = _analyze(_gap_run(tmp_path / "small", [0.01, 0.02, 0.03, 0.5]))
+    text = " ".join(small.stdout.split())  # the console wraps long lines
+    assert small.exit_code == 0
+    assert "median 0.030, above 0.1 on 25%" in text and "first order describes these updates" in text
+    large = _analyze(_gap_run(tmp_path / "large", [0.2, 0.3, 0.01, 0.4]), "--json")
+    gap = json.loads(large.stdout)["entropy_accounting"]["order_gap"]
+    assert gap["median_rel"] == pytest.approx(0.3) and gap["share_above"] == 0.75 and gap["n"] == 4
+    assert "leave the first-order regime" in " ".join(_analyze(tmp_path / "large").stdout.split())
+    cal = json.loads(large.stdout)["entropy_accounting"]["calibration"]
+    assert set(cal) == {"entropy/pred_param_upd", "entropy/pred_param2"}
