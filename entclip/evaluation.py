@@ -51,10 +51,15 @@ def eval_counts(sampler, problems: Sequence, verify: VerifyBatch, k: int, temper
 
 
 def summarize(greedy_ok: Sequence[int], counts: Sequence[int], k: int) -> dict[str, float]:
-    """greedy_acc (when greedy results exist), avg@k and pass@j for j in report_ks(k)."""
+    """greedy_acc (when greedy results exist), avg@k, pass@j for j in report_ks(k), and the pass-rate
+    distribution in three bins: shares of problems with none, some (1..k-1) and all of k samples right
+    (solved_none@k, solved_some@k, solved_all@k; the paper's "toward the middle" is solved_some rising)."""
     n = max(len(counts), 1)
     out = {"greedy_acc": sum(greedy_ok) / n} if len(greedy_ok) else {}
     out[f"avg@{k}"] = sum(counts) / (n * k)
     for j in report_ks(k):
         out[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in counts) / n
+    none, every = sum(c == 0 for c in counts), sum(c == k for c in counts)
+    out.update({f"solved_none@{k}": none / n, f"solved_some@{k}": (len(counts) - none - every) / n,
+                f"solved_all@{k}": every / n})
     return out
