@@ -16,9 +16,11 @@ from entclip.errors import BAD_CONFIG, NOT_FOUND, EntclipError
 from entclip.report import QUADS, calibration
 from entclip.rundir import LoadedRun, eval_set_names, write_atomic
 
-PREDICTIONS = {"entropy/pred_param": "first order, measured parameter change",
-               "entropy/pred_dz": "first order, measured logit change",
-               "entropy/pred_logit": "logit level, positions independent (paper)"}
+# Short panel labels (the analyze table has the long ones, report.PREDICTIONS): four panels share a row.
+PREDICTIONS = {"entropy/pred_param2": "2nd order, per update",
+               "entropy/pred_param": "1st order, parameters",
+               "entropy/pred_dz": "1st order, logits",
+               "entropy/pred_logit": "paper, logit level"}
 QUAD_LABELS = {"pos_devpos": "A>0, dev>0 (lowers H)", "pos_devneg": "A>0, dev<0 (raises H)",
                "neg_devpos": "A<0, dev>0 (raises H)", "neg_devneg": "A<0, dev<0 (lowers H)"}
 # Blue for the quadrants that lower entropy, warm for those that raise it; dashed when dev < 0.
@@ -160,17 +162,17 @@ def figure(run: LoadedRun):
     quads = any(f"quad/{q}_share" in r for r in m for q in QUADS)
     rows = 1 + bool(preds) + quads
     fig = plt.figure(figsize=(13, 4.2 * rows + 0.6), layout="constrained")
-    grid = fig.add_gridspec(rows, 6)
-    _entropy_panel(fig.add_subplot(grid[0, :3]), m)
-    _reward_panel(fig.add_subplot(grid[0, 3:]), m, run.evals)
+    grid = fig.add_gridspec(rows, 12)
+    _entropy_panel(fig.add_subplot(grid[0, :6]), m)
+    _reward_panel(fig.add_subplot(grid[0, 6:]), m, run.evals)
     row = 1
     if preds:
-        width = 6 // len(preds)
+        width = 12 // len(preds)
         for i, key in enumerate(preds):
             _calibration_panel(fig.add_subplot(grid[row, i * width:(i + 1) * width]), m, key)
         row += 1
     if quads:
-        _quadrant_panels(fig.add_subplot(grid[row, :3]), fig.add_subplot(grid[row, 3:]), m)
+        _quadrant_panels(fig.add_subplot(grid[row, :6]), fig.add_subplot(grid[row, 6:]), m)
     notes = ["bold lines: 10-step moving mean, faint: per step"] if len(m) >= SMOOTH_FROM else []
     if not preds and not quads:
         off = run.config.get("entropy_accounting") is False
