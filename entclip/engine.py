@@ -118,7 +118,9 @@ class Trainer:
             self.ref = ref.to(self.accelerator.device).eval()
             self.ref.requires_grad_(False)
         self._load_task()
-        verifier = "math" if cfg.dataset else "exact"
+        from entclip.tasks import builtin_reward
+
+        verifier = "math" if cfg.dataset else builtin_reward(cfg)
         self.rewards = RewardRunner(cfg.reward, default=verifier, verifier=verifier, timeout=cfg.reward_timeout)
         _disable_dropout(model)
         if cfg.gradient_checkpointing:
@@ -166,9 +168,9 @@ class Trainer:
                      + (f", skipped {dropped}" if dropped else "")
                      + "".join(f"; eval {name}: {len(p)}" for name, p in task.eval_sets.items()))
         else:
-            from entclip.tasks.arithmetic import ArithmeticTask
+            from entclip.tasks import builtin_task
 
-            task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+            task = builtin_task(cfg)
             self.train_problems, self.eval_sets = task.train, {"test": task.test[:cfg.eval_n]}
             self.add_special_tokens = True
         if len(self.train_problems) < self.cfg.prompts_per_step:
