@@ -165,7 +165,7 @@ class Config:
     sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens whose statistic is > 0 (pos) or < 0 (neg)")
     sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
-    accounting_every: int = _f(5, "entropy accounting cadence in steps: every 5th step (an accounted step costs about 2x a plain one on the tiny model; raise it for large models)")
+    accounting_every: int = _f(8, "entropy accounting cadence in steps: every 8th step (an accounted step costs about 2x a plain one on the tiny model; raise it for large models)")
     accounting_unit: Literal["update", "step"] = _f(
         "update", "update = account every optimizer update on its own, with the second-order (trapezoid) "
         "prediction (one forward+backward over the batch after each update); step = the step as a whole, "
