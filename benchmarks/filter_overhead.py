@@ -37,7 +37,7 @@ VARIANTS = {  # name -> --set overrides
     "none": ["entropy_control=none", "entropy_accounting=false"],
     "clip_b": ["entropy_control=clip_b", "entropy_accounting=false"],
     "clip_v": ["entropy_control=clip_v", "entropy_accounting=false"],
-    "none+accounting": ["entropy_control=none", "entropy_accounting=true"],
+    "none+accounting": ["entropy_control=none", "entropy_accounting=true", "accounting_every=1"],
 }
 
 
