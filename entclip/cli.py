@@ -72,7 +72,9 @@ def _plan(cfg, path: Path) -> str:
                 f"<= {cfg.max_prompt_tokens} tokens, chat template {cfg.chat_template}")
         evals = ", ".join(e["name"] for e in cfg.eval_sets) or "none"
     else:
-        task = f"{cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)"
+        task = (f"{cfg.task} (operands 0..{cfg.max_operand}, {cfg.n_test} held out)" if cfg.task == "arithmetic"
+                else f"{cfg.task} ({cfg.countdown_numbers} numbers from 1..{cfg.countdown_max_number}, targets "
+                f"1..{cfg.countdown_max_target}, {cfg.n_test} held out)")
         evals = f"{cfg.eval_n} held-out problems"
     if cfg.model == "tiny":
         model = (f"tiny (hidden {cfg.tiny_hidden}, {cfg.tiny_layers} layers), supervised warm start to "
@@ -325,10 +327,11 @@ def _warn_inert(cfg, seen: set[str] | None = None) -> None:
 def _check_task(cfg) -> None:
     """Validate the task's settings before anything is written."""
     from entclip.rewards import parse_spec
-    from entclip.tasks.arithmetic import ArithmeticTask
+    from entclip.tasks import builtin_reward, builtin_task
 
-    ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
-    parse_spec(cfg.reward, "math" if cfg.dataset else "exact")  # names known, custom functions importable
+    if not cfg.dataset:
+        builtin_task(cfg)  # its settings: one line naming the fix, before a run directory exists
+    parse_spec(cfg.reward, "math" if cfg.dataset else builtin_reward(cfg))  # names known, custom functions importable
 
 
 def _resume(path: Path, quiet: bool) -> None:
@@ -592,9 +595,9 @@ def predict_entropy(
         if position is not None:
             _explain_position(cfg, model_path, position, console, top, as_json)
             return
-        from entclip.tasks.arithmetic import ArithmeticTask
+        from entclip.tasks import builtin_task
 
-        task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
+        task = builtin_task(cfg)
         problems = load_problems(prompts, task.train, n_prompts, cfg.seed, prompt_field, answer_field, split)
         cfg = resolve(preset=preset, config_file=config, flags=flags,
                       sets=[*sets, f"prompts_per_step={len(problems)}"])

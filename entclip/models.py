@@ -52,7 +52,9 @@ def load_policy(cfg: Config, log: Log):
     spec = WarmStartSpec(max_operand=cfg.max_operand, n_test=cfg.n_test, hidden=cfg.tiny_hidden,
                          layers=cfg.tiny_layers, heads=heads, kv_heads=heads // 2 if heads % 2 == 0 else heads,
                          ffn=cfg.tiny_ffn, lr=cfg.warmup_lr, max_steps=cfg.warmup_max_steps,
-                         target_acc=cfg.warmup_target_acc, seed=cfg.seed)
+                         target_acc=cfg.warmup_target_acc, seed=cfg.seed, task_name=cfg.task,
+                         countdown_numbers=cfg.countdown_numbers, countdown_max_number=cfg.countdown_max_number,
+                         countdown_max_target=cfg.countdown_max_target)
     ws = warm_start(spec, cache_root(cfg) / "warmstart", log=log)
     log(f"warm start: {'cached' if ws.cached else 'trained'} {ws.path} "
         f"(greedy train accuracy {ws.accuracy:.2f} after {ws.steps} steps)")

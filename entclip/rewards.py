@@ -1,7 +1,8 @@
 """Rewards: functions fn(completion, answer, prompt) -> float, a spec that combines them, a runner.
 
-Builtins: `exact` (stripped string equality), `math` (math-verify on the last \\boxed{...}) and
-`format` (exactly one non-empty \\boxed{...}). A spec "math=1.0,format=0.1" sums weighted scores;
+Builtins: `exact` (stripped string equality), `math` (math-verify on the last \\boxed{...}),
+`format` (exactly one non-empty \\boxed{...}) and `countdown` (the countdown task's step checker,
+reading the numbers and target from the prompt). A spec "math=1.0,format=0.1" sums weighted scores;
 a NAME may also be `module:function`, any importable callable with the RewardFn signature.
 
 Where rewards run (RewardRunner): exact and format are pure and fast, so they run in-process. math
@@ -33,8 +34,8 @@ from entclip.errors import FAILED, EntclipError
 RewardFn = Callable[[str, str, str], float]  # fn(completion, answer, prompt) -> float
 
 _BOXED = re.compile(r"\\boxed\s*\{")
-_LOCAL = ("exact", "format")  # pure and fast: never worth a round trip to the worker
-_VERIFIERS = ("exact", "math")
+_LOCAL = ("exact", "format", "countdown")  # pure and fast: never worth a round trip to the worker
+_VERIFIERS = ("exact", "math", "countdown")
 _STARTUP_S = 60.0  # a fresh worker imports math-verify and the custom modules; not charged to items
 _TIMED_OUT = object()  # stands for the error of a call cut off by the timeout
 
@@ -107,7 +108,15 @@ def math_reward(completion: str, answer: str, prompt: str = "") -> float:
     return 1.0 if gold and pred and verify(list(gold), pred, timeout_seconds=None) else 0.0
 
 
-BUILTIN: dict[str, RewardFn] = {"exact": exact_reward, "math": math_reward, "format": format_reward}
+def countdown_reward(completion: str, answer: str, prompt: str) -> float:
+    """1.0 iff the completion's steps reach the prompt's target (entclip.tasks.countdown.verify)."""
+    from entclip.tasks.countdown import reward
+
+    return reward(completion, answer, prompt)
+
+
+BUILTIN: dict[str, RewardFn] = {"exact": exact_reward, "math": math_reward, "format": format_reward,
+                                "countdown": countdown_reward}
 
 
 def _resolve(name: str) -> RewardFn:

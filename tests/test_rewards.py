@@ -131,14 +131,14 @@ def test_parse_spec_reads_names_weights_auto_and_custom():
     assert parse_spec("math", "exact") == [("math", 1.0)]
     assert parse_spec("auto", "math") == [("math", 1.0)]
     assert parse_spec(f"{MOD}:score=0.5,format", "exact") == [(f"{MOD}:score", 0.5), ("format", 1.0)]
-    assert set(BUILTIN) == {"exact", "math", "format"}
+    assert set(BUILTIN) == {"exact", "math", "format", "countdown"}
 
 
 @pytest.mark.parametrize("spec,needle", [
     ("", "empty"),
     ("   ", "empty"),
     ("mathh", "did you mean math?"),
-    ("accuracy", "choose one of exact, math, format, or module:function"),
+    ("accuracy", "choose one of exact, math, format, countdown, or module:function"),
     ("math=abc", "'abc' of 'math' is not a finite number"),
     ("math=nan", "not a finite number"),
     ("math,,format", "an empty entry"),

@@ -50,6 +50,7 @@ class ArithmeticTask:
     split_seed: int = 1234  # seeds the split only; keep it fixed to compare runs on one test set
 
     name = "arithmetic"  # class attribute, not a field: the registry name of the task
+    reward_name = "exact"  # the builtin reward (entclip.rewards) that verifies it
 
     def __post_init__(self) -> None:
         if self.max_operand < 1:

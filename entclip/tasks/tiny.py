@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from entclip.errors import EntclipError
+from entclip.tasks import countdown
 from entclip.tasks.arithmetic import ArithmeticTask, Problem, verify
 
 if TYPE_CHECKING:
@@ -40,8 +42,8 @@ FORMAT_VERSION = 1
 MARKER = "warmstart.json"  # written last inside the temporary folder: its presence means complete
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over CHARS with <pad>=0, <bos>=1, <eos>=2, <unk>=3.
+def build_char_tokenizer(chars: str = CHARS) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over `chars` with <pad>=0, <bos>=1, <eos>=2, <unk>=3.
 
     Encoding prepends <bos> (no <eos>); padding is on the left, as batched generation needs; the
     outputs are only input_ids and attention_mask. Special tokens written in the text ("46<eos>")
@@ -50,7 +52,7 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(chars))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")  # one char per token
     core.decoder = decoders.Fuse()  # join characters back without spaces
@@ -152,6 +154,13 @@ class WarmStartSpec:
     eval_every: int = 10  # steps between greedy evaluations (~0.1 s each; stops nearer target)
     eval_n: int = 256  # train problems per evaluation (a fixed sample)
     seed: int = 0  # model init, batch order and evaluation sample
+    # Fields added after the arithmetic cache format was fixed (see ADDED). They enter key() only when
+    # they differ from their defaults, so every arithmetic key (and cache entry) stays what it was;
+    # never change these defaults, or old keys would name other models.
+    task_name: str = "arithmetic"  # which built-in task: arithmetic or countdown
+    countdown_numbers: int = 3  # countdown: numbers per problem
+    countdown_max_number: int = 9  # countdown: numbers from 1..this
+    countdown_max_target: int = 100  # countdown: targets in 1..this
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_n", "warmup_steps"):
@@ -168,17 +177,37 @@ class WarmStartSpec:
         _ = self.task  # validates the task fields too
 
     @property
-    def task(self) -> ArithmeticTask:
+    def task(self) -> ArithmeticTask | countdown.CountdownTask:
+        if self.task_name == "countdown":
+            return countdown.CountdownTask(self.countdown_numbers, self.countdown_max_number,
+                                           self.countdown_max_target, self.n_test, self.split_seed)
+        if self.task_name != "arithmetic":
+            raise EntclipError(f"task={self.task_name!r}: choose arithmetic or countdown")
         return ArithmeticTask(self.max_operand, self.n_test, self.split_seed)
 
+    @property
+    def chars(self) -> str:
+        """The tokenizer's characters: arithmetic's, plus countdown's operators and separators."""
+        return CHARS + countdown.CHARS if self.task_name == "countdown" else CHARS
+
     def key(self) -> str:
-        """16 hex digits of sha256 over all fields and FORMAT_VERSION; stable across processes."""
+        """16 hex digits of sha256 over the fields and FORMAT_VERSION; stable across processes.
+
+        Fields in ADDED count only when they differ from their defaults (the arithmetic keys of
+        FORMAT_VERSION 1 are unchanged); every other field always counts.
+        """
         fields = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name in ADDED and value == f.default:
+                continue
             fields[f.name] = float(value) if f.type == "float" else value  # lr=1 and lr=1.0 agree
         blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# WarmStartSpec fields added after FORMAT_VERSION 1's arithmetic caches were written.
+ADDED = ("task_name", "countdown_numbers", "countdown_max_number", "countdown_max_target")
 
 
 @dataclass(frozen=True)
@@ -210,7 +239,7 @@ def warm_start(
             f"{final} exists but has no {MARKER} (damaged, or not entclip's); delete it and rerun"
         )
 
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(spec.chars)
     model = build_tiny_model(
         tokenizer, spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.ffn, seed=spec.seed
     )
@@ -266,7 +295,9 @@ def _save_quietly(model, tokenizer, folder: Path) -> None:
 
 def _read_result(folder: Path, spec: WarmStartSpec, log: Callable[[str], None]) -> WarmStartResult:
     record = json.loads((folder / MARKER).read_text())
-    if record.get("spec") != dataclasses.asdict(spec):
+    # Records written before the ADDED fields existed lack them: they held the defaults.
+    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.name in ADDED}
+    if {**defaults, **record.get("spec", {})} != dataclasses.asdict(spec):
         raise EntclipError(f"{folder / MARKER} holds another spec; delete {folder} and rerun")
     log(f"warm start: cached {folder} (greedy accuracy {record['accuracy']:.3f})")
     return WarmStartResult(
@@ -297,9 +328,18 @@ def _encode_train(problems: list[Problem], tokenizer) -> tuple[torch.Tensor, ...
 
 
 def greedy_accuracy(
-    model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 256
+    model,
+    tokenizer,
+    problems: list[Problem],
+    max_new_tokens: int,
+    batch_size: int = 256,
+    check: Callable[[str, Problem], bool] | None = None,
 ) -> float:
-    """Share of problems whose greedy completion (KV-cached generate) verifies exactly."""
+    """Share of problems whose greedy completion (KV-cached generate) passes `check`.
+
+    `check(completion, problem)` defaults to exact match with the problem's answer.
+    """
+    check = check or (lambda text, p: verify(text, p.answer))
     was_training = model.training
     model.eval()
     right = 0
@@ -316,7 +356,7 @@ def greedy_accuracy(
             )
             new = out[:, enc["input_ids"].shape[1] :]  # (B, <= max_new_tokens), <pad> after <eos>
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            right += sum(verify(t, p.answer) for t, p in zip(texts, chunk))
+            right += sum(check(t, p) for t, p in zip(texts, chunk))
     model.train(was_training)
     return right / len(problems)
 
@@ -327,7 +367,16 @@ def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]):
     Returns (steps, accuracy, history): the last evaluation is of the final weights.
     """
     task = spec.task
-    input_ids, attention, targets = _encode_train(task.train, tokenizer)
+    # Every answer of every train problem is one row; a step trains on one row per problem, drawn
+    # anew each time (countdown: a random valid solution, so the policy spreads over them).
+    # Arithmetic has one answer per problem: rows are the problems and no draw is made.
+    answers = [task.solutions(p) if hasattr(task, "solutions") else (p.answer,) for p in task.train]
+    first = torch.tensor([0, *itertools.accumulate(map(len, answers))][:-1])  # (P,) first row of each
+    count = torch.tensor([len(a) for a in answers])  # (P,)
+    rows = [Problem(p.prompt, a) for p, sols in zip(task.train, answers) for a in sols]
+    input_ids, attention, targets = _encode_train(rows, tokenizer)
+    pick = torch.Generator().manual_seed(spec.seed + 1) if int(count.max()) > 1 else None
+    check = getattr(task, "check", None)
     # A fixed evaluation sample of the train split, so successive evaluations are comparable.
     eval_problems = random.Random(spec.seed).sample(task.train, min(spec.eval_n, len(task.train)))
     max_new = task.max_answer_chars + 1  # the answer and its <eos>
@@ -337,14 +386,17 @@ def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]):
         optimizer, lambda i: min(1.0, (i + 1) / spec.warmup_steps)  # linear warm-up, then flat
     )
     model.train()
-    order, pos = torch.randperm(len(input_ids), generator=gen), 0
+    order, pos = torch.randperm(len(task.train), generator=gen), 0
     history: list[dict] = []
     accuracy, start = 0.0, time.perf_counter()
     for step in range(1, spec.max_steps + 1):
         if pos + spec.batch_size > len(order):  # a new epoch: a fresh permutation, no partial batch
-            order, pos = torch.randperm(len(input_ids), generator=gen), 0
+            order, pos = torch.randperm(len(task.train), generator=gen), 0
         idx = order[pos : pos + spec.batch_size]
         pos += spec.batch_size
+        if pick is not None:  # one of each problem's answers, uniformly
+            choice = (torch.rand(len(idx), generator=pick) * count[idx]).long()  # (B,)
+            idx = first[idx] + torch.minimum(choice, count[idx] - 1)
         length = int(attention[idx].sum(1).max())  # trim the batch to its longest row
         x, m, t = input_ids[idx, :length], attention[idx, :length], targets[idx, : length - 1]
         logits = model(input_ids=x, attention_mask=m).logits[:, :-1]  # (B, L-1, V)
@@ -356,7 +408,7 @@ def _train(model, tokenizer, spec: WarmStartSpec, log: Callable[[str], None]):
         optimizer.step()
         schedule.step()
         if step % spec.eval_every == 0 or step == spec.max_steps:
-            accuracy = greedy_accuracy(model, tokenizer, eval_problems, max_new)
+            accuracy = greedy_accuracy(model, tokenizer, eval_problems, max_new, check=check)
             history.append({"step": step, "loss": loss.item(), "accuracy": accuracy})
             log(
                 f"warm start step {step}/{spec.max_steps}: loss {loss.item():.3f}, "
