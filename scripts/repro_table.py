@@ -1,6 +1,7 @@
 """The miniature reproduction's tables: each method against GRPO over the same seeds (README).
 
     python scripts/repro_table.py runs/repro-arith        # a sweep group: <preset>-s<seed> run directories
+    python scripts/repro_table.py runs/repro-arith --plot docs/repro-arith.png   # and the paired entropy curves
 
 Prints, in Markdown: (1) mean ± sample std over seeds per method; (2) the paired difference to GRPO
 (the `none` runs of the same seeds): its mean and a 95% bootstrap interval over seeds (10,000
@@ -91,5 +92,42 @@ def main(group: Path) -> None:
         print(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
 
 
+def plot(group: Path, out: Path) -> None:
+    """Per method: entropy minus GRPO's on the same seed, per step (10-step moving mean), mean over seeds
+    with the seeds' min-max band. Paired differences, because the seeds differ far more than the methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(path: Path) -> list[float]:
+        h = [r["entropy/mean"] for r in load_run(path).metrics]
+        return [statistics.fmean(h[max(0, i - 9):i + 1]) for i in range(len(h))]
+
+    curves: dict[str, dict[int, list[float]]] = {}
+    for path in sorted(group.iterdir()):
+        m = re.fullmatch(r"(.+)-s(\d+)", path.name)
+        if m and (path / "summary.json").exists():
+            curves.setdefault(m.group(1), {})[int(m.group(2))] = curve(path)
+    base = curves.pop("none")
+    fig, ax = plt.subplots(figsize=(11, 5), layout="constrained")
+    for name, by_seed in sorted(curves.items()):
+        diffs = [[a - b for a, b in zip(by_seed[s], base[s])] for s in sorted(set(by_seed) & set(base))]
+        steps = range(1, min(map(len, diffs)) + 1)
+        mean = [statistics.fmean(d[i - 1] for d in diffs) for i in steps]
+        line, = ax.plot(steps, mean, label=f"{name} ({len(diffs)} seeds)")
+        ax.fill_between(steps, [min(d[i - 1] for d in diffs) for i in steps],
+                        [max(d[i - 1] for d in diffs) for i in steps], color=line.get_color(), alpha=0.08)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("entropy minus GRPO's on the same seed (nats)")
+    ax.set_title(f"{group.name}: mean token entropy against GRPO, paired by seed (10-step moving mean; "
+                 "band: min-max over seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.savefig(out, dpi=110)
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if len(sys.argv) == 4 and sys.argv[2] == "--plot":
+        plot(Path(sys.argv[1]), Path(sys.argv[3]))
