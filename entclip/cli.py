@@ -486,6 +486,8 @@ def evaluate(
     temperature: Optional[float] = typer.Option(None, help="sampling temperature"),
     config: Optional[str] = typer.Option(None, "--config", help="YAML config (default: the run's own)"),
     set_: list[str] = typer.Option([], "--set", help="key=value override, repeatable"),
+    step: int = typer.Option(0, "--step", min=0, help="draw the samples a run's evaluation at this step draws "
+                             "(with that step's checkpoint it redraws the run's own figures exactly)"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as JSON"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
@@ -506,7 +508,7 @@ def evaluate(
                 [{**e, "n": n} for e in cfg.eval_sets])])
         trainer = Trainer(cfg, None, lambda s: None, model_path=str(path))
         try:
-            row = trainer.evaluate(0)
+            row = trainer.evaluate(step)
         finally:
             trainer.rewards.close()
         head = {"model": str(path), "k": cfg.eval_k, "temperature": cfg.eval_temperature}

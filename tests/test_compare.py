@@ -85,6 +85,17 @@ def test_evaluate_a_finished_run(group):
     assert (8 * data["pass@2"]).is_integer()
 
 
+def test_evaluate_with_the_runs_step_redraws_its_own_last_evaluation_exactly(group):
+    run = group / f"none-s{S0}"
+    last = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    res = runner.invoke(app, ["evaluate", str(run), "--step", str(last["step"]), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert {f"test/{k}": v for k, v in data.items() if f"test/{k}" in last} == {k: v for k, v in last.items()
+                                                                                  if k != "step"}
+    assert data["solved_none@4"] + data["solved_some@4"] + data["solved_all@4"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("args, code, needle", [
     (["compare", "/nonexistent"], 3, "does not exist"),
     (["train", "--seeds", "x"], 2, "expected integers"),
