@@ -216,7 +216,7 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
                 "prompt_template": "{prompt} Give only the number.", "reward": "math", "steps": 1,
                 "prompts_per_step": 2, "group_size": 4, "minibatches": 1, "max_new_tokens": 12,
                 "max_prompt_tokens": 128, "lr": 1e-3, "kl_coef": 0.05, "lora_r": 8, "eval_every": 0,
-                "threads": 1, "entropy_accounting": True, "seed": 0}
+                "threads": 1, "entropy_accounting": True, "accounting_every": 1, "seed": 0}
     cfg = resolve(sets=[f"{k}={v}" for k, v in settings.items()])
 
     def answer_of(prompt: str) -> str:

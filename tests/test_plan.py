@@ -260,7 +260,8 @@ def logits_heavy_model(tmp_path_factory):
 
 
 PROFILE_BASE = dict(device="cpu", precision="fp32", max_prompt_tokens=16, max_new_tokens=64, prompts_per_step=2,
-                    group_size=4, minibatches=2, micro_batch_size=2, entropy_accounting=False, threads=1)
+                    group_size=4, minibatches=2, micro_batch_size=2, entropy_accounting=False, threads=1,
+                    accounting_every=1)
 
 
 def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
