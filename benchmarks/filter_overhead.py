@@ -59,7 +59,7 @@ def wrap_filter():
     """Wrap the engine's batch-filter entry point (its home moves between refactors)."""
     import importlib
 
-    for modname, attr in (("entclip.objective", "batch_filter"), ("entclip.engine", "token_filter")):
+    for modname, attr in (("entclip.training.objective", "batch_filter"), ("entclip.training.engine", "token_filter")):
         try:
             mod = importlib.import_module(modname)
         except ImportError:
@@ -93,8 +93,8 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     set_threads(args.threads)
-    from entclip import engine
-    from entclip.config import resolve
+    from entclip.training import engine
+    from entclip.contracts.config import resolve
 
     total = args.warmup + args.steps
     trainers = {}

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import interleave, machine, median, set_threads, spread, table  # noqa: E402
 
-from entclip import theory  # noqa: E402
+from entclip.core import theory  # noqa: E402
 
 V_QWEN = 151_936
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -137,10 +137,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from entclip import engine
-    from entclip.config import resolve
-    from entclip.models import load_policy
-    from entclip.tasks.arithmetic import ArithmeticTask
+    from entclip.training import engine
+    from entclip.contracts.config import resolve
+    from entclip.data.models import load_policy
+    from entclip.data.tasks.arithmetic import ArithmeticTask
 
     print(f"trl {trl.__version__}, transformers {transformers.__version__}")
     total = args.warmup + args.steps

@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from entclip.report import summarize
-from entclip.rundir import load_run
+from entclip.reports.analyze import summarize
+from entclip.contracts.rundir import load_run
 
 RESAMPLES = 10_000
 

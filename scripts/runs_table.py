@@ -5,7 +5,7 @@
     python scripts/runs_table.py --calibration runs/readme/none-s*             # predictions vs measured
 
 Runs are grouped by their name without the `-s<seed>` suffix; every figure is the mean ± sample std
-over the group's runs. Columns come from `entclip analyze --json` (entclip.report.summarize) and the
+over the group's runs. Columns come from `entclip analyze --json` (entclip.reports.analyze.summarize) and the
 run's summary.json; nothing is typed by hand.
 """
 
@@ -16,8 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from entclip.report import summarize
-from entclip.rundir import load_run
+from entclip.reports.analyze import summarize
+from entclip.contracts.rundir import load_run
 
 
 def method_label(cfg: dict) -> str:
@@ -123,7 +123,7 @@ def seeds(paths: list[str]) -> None:
 
 def calibration(paths: list[str]) -> None:
     """Mean ± std over runs of each prediction's calibration, then every run's Pearson on its own."""
-    from entclip.report import PREDICTIONS
+    from entclip.reports.analyze import PREDICTIONS
 
     f = [figures(Path(p)) for p in paths]
     rows = []

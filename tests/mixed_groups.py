@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from entclip.rollout import Rollout, Sampler
+from entclip.training.rollout import Rollout, Sampler
 
 WRONG = "+=+"
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entclip.engine import Trainer, derive_seed
-from entclip.rollout import completion_logits
+from entclip.training.engine import Trainer, derive_seed
+from entclip.training.rollout import completion_logits
 
 NEAR = 1e-6  # a float32-vs-float64 difference is ~1e-7 relative; closer than this is a coin flip
 

@@ -21,7 +21,7 @@ COMPLETE = ("config.json", "model.safetensors", "generation_config.json", "token
 
 
 def smollm2_available() -> bool:
-    from entclip.gguf import find_smollm2
+    from entclip.data.gguf import find_smollm2
 
     try:
         has_gguf = importlib.util.find_spec("gguf") is not None
@@ -36,8 +36,8 @@ def is_complete(folder: Path) -> bool:
 
 def smollm2_folder(cache_dir: str | Path) -> Path:
     """The converted SmolLM2-135M-Instruct folder under cache_dir (converted on first use, ~20 s)."""
-    from entclip.errors import EXISTS, EntclipError
-    from entclip.gguf import convert_gguf, find_smollm2
+    from entclip.contracts.errors import EXISTS, EntclipError
+    from entclip.data.gguf import convert_gguf, find_smollm2
 
     if not smollm2_available():
         pytest.skip(f"needs the SmolLM2 GGUF file: {INSTALL}")

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_sets
-from entclip import losses, theory
-from entclip.accounting import StepAccount, loss_weights, quadrants
-from entclip.config import resolve
-from entclip.engine import train
-from entclip.rundir import RunDir, load_run
+from entclip.core import losses, theory
+from entclip.training.accounting import StepAccount, loss_weights, quadrants
+from entclip.contracts.config import resolve
+from entclip.training.loop import train
+from entclip.contracts.rundir import RunDir, load_run
 
 
 def pearson(a, b):

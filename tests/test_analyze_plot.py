@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_sets
 from entclip.cli import app
-from entclip.plots import figure
-from entclip.rundir import load_run
+from entclip.reports.plots import figure
+from entclip.contracts.rundir import load_run
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """Bad input everywhere a user can type: one line naming the fix, its exit code, nothing changed.
 
-Exit codes (entclip.errors): 2 bad config/arguments, 3 not found / not a run, 4 run exists,
+Exit codes (entclip.contracts.errors): 2 bad config/arguments, 3 not found / not a run, 4 run exists,
 5 unusable data.
 """
 
@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from entclip.cli import app
-from entclip.config import Config
+from entclip.contracts.config import Config
 
 runner = CliRunner()
 

@@ -1,11 +1,11 @@
-"""entclip.baselines on hand-computed tensors."""
+"""entclip.core.methods on hand-computed tensors."""
 
 import math
 
 import pytest
 import torch
 
-from entclip.baselines import (
+from entclip.core.methods import (
     adapt_entropy_coef,
     adaptive_mu_for_entropy,
     adaptive_mu_for_share,
@@ -19,8 +19,8 @@ from entclip.baselines import (
     steer_weights,
     token_covariance,
 )
-from entclip.losses import clip_b_mask, clip_b_z, clip_v_mask, clip_v_z, clipped_surrogate, filter_shares
-from entclip.theory import token_entropy
+from entclip.core.losses import clip_b_mask, clip_b_z, clip_v_mask, clip_v_z, clipped_surrogate, filter_shares
+from entclip.core.theory import token_entropy
 
 T_, F_ = True, False
 

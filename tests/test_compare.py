@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TEST_SEED, tiny_sets
-from entclip import compare as cmp
+from entclip.reports import compare as cmp
 from entclip.cli import app
-from entclip.rundir import LoadedRun
+from entclip.contracts.rundir import LoadedRun
 
 runner = CliRunner()
 S0, S1 = TEST_SEED, TEST_SEED + 1  # the sweep's two seeds, shifted with ENTCLIP_TEST_SEED

@@ -7,8 +7,8 @@ import typing
 import pytest
 import yaml
 
-from entclip.config import Config, inert_settings, load_preset, preset_names, resolve
-from entclip.errors import EntclipError
+from entclip.contracts.config import Config, inert_settings, load_preset, preset_names, resolve
+from entclip.contracts.errors import EntclipError
 
 
 def test_defaults_are_valid_and_frozen():

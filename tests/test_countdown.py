@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from conftest import TINY
 from entclip.cli import app
-from entclip.errors import EntclipError
-from entclip.rewards import RewardRunner, parse_spec
-from entclip.tasks import tiny
-from entclip.tasks.countdown import CountdownTask, parse_prompt, reward, verify
-from entclip.tasks.tiny import WarmStartSpec, build_char_tokenizer
+from entclip.contracts.errors import EntclipError
+from entclip.data.rewards import RewardRunner, parse_spec
+from entclip.data.tasks import tiny
+from entclip.data.tasks.countdown import CountdownTask, parse_prompt, reward, verify
+from entclip.data.tasks.tiny import WarmStartSpec, build_char_tokenizer
 
 runner = CliRunner()
 # The key of the default arithmetic warm start before the countdown fields existed: existing caches

@@ -11,11 +11,11 @@ import os
 
 import pytest
 
-from entclip.config import Config
-from entclip.errors import BAD_CONFIG, BAD_DATA, NOT_FOUND, EntclipError
-from entclip.tasks.arithmetic import Problem
-from entclip.tasks.dataset import answer_text, build_prompt, field, load_dataset_task, read_rows
-from entclip.tasks.tiny import build_char_tokenizer
+from entclip.contracts.config import Config
+from entclip.contracts.errors import BAD_CONFIG, BAD_DATA, NOT_FOUND, EntclipError
+from entclip.data.tasks.arithmetic import Problem
+from entclip.data.tasks.dataset import answer_text, build_prompt, field, load_dataset_task, read_rows
+from entclip.data.tasks.tiny import build_char_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

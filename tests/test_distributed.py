@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_sets
-from entclip.config import resolve
-from entclip.engine import train
-from entclip.rundir import RunDir
+from entclip.contracts.config import resolve
+from entclip.training.loop import train
+from entclip.contracts.rundir import RunDir
 
 # Clip_B with the two-sided paper rule and mu = 1 drops tokens whatever was sampled: it keeps a token
 # iff |x| <= sigma, x = S* - mean S* and sigma^2 = mean x^2 over the batch, so keeping all would need

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import tiny_sets
-from entclip.config import resolve
+from entclip.contracts.config import resolve
 from mixed_groups import mixed_groups
-from entclip.engine import Trainer, train
-from entclip.rundir import RunDir, load_run
+from entclip.training.engine import Trainer
+from entclip.training.loop import train
+from entclip.contracts.rundir import RunDir, load_run
 
 EXPECTED_KEYS = {
     "step", "reward/mean", "reward/std", "reward/accuracy", "reward/zero_var_frac", "entropy/mean",
@@ -149,8 +150,8 @@ def test_objective_variants_train(tmp_path, overrides):
 def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     """The keep-mask is computed once per rollout batch, before the first update, on every row.
     Mixed groups make the filter drop tokens (see the small-mu test), so the comparison has teeth."""
-    from entclip.objective import batch_filter
-    from entclip import losses
+    from entclip.training.objective import batch_filter
+    from entclip.core import losses
 
     cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
     trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None,
@@ -216,7 +217,7 @@ def test_memory_savers_do_not_change_the_run(plain_run, tmp_path, overrides):
 
 def test_accounting_without_room_for_the_old_logits_reports_the_rest(tmp_path, monkeypatch):
     """Above ACCOUNT_LOGITS_MAX (large batches x vocabularies) pred_dz is left out, nothing else."""
-    import entclip.engine as engine
+    import entclip.training.engine as engine
 
     monkeypatch.setattr(engine, "ACCOUNT_LOGITS_MAX", 0)
     _, run, _ = _run(tmp_path, "nologits")

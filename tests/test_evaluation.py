@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from entclip.evaluation import pass_at_k, summarize
+from entclip.training.evaluation import pass_at_k, summarize
 
 
 def test_pass_at_k_is_one_minus_the_chance_that_k_draws_miss_every_right_sample():

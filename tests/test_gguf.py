@@ -8,8 +8,8 @@ import pytest
 import torch
 from smollm2 import smollm2_folder
 
-from entclip.errors import BAD_CONFIG, BAD_DATA, EXISTS, NOT_FOUND, EntclipError
-from entclip.gguf import convert_gguf, find_smollm2
+from entclip.contracts.errors import BAD_CONFIG, BAD_DATA, EXISTS, NOT_FOUND, EntclipError
+from entclip.data.gguf import convert_gguf, find_smollm2
 
 
 def fake_gguf(path):
@@ -99,7 +99,7 @@ def test_smollm2_folder_loads_and_matches_the_gguf_logits(tmp_path):
     assert ours.shape == (49152,)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     # `--set model=FILE.gguf` loads through the same path as the conversion: same logits again.
-    from entclip.models import load_folder
+    from entclip.data.models import load_folder
 
     direct, direct_tok, _ = load_folder(str(gguf_path))
     assert direct_tok.padding_side == "left" and getattr(direct, "hf_quantizer", None) is None

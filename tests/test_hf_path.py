@@ -32,8 +32,8 @@ def _sets(pairs: dict) -> list[str]:
 def stand_ins(tmp_path_factory):
     """A local model folder (the warm-started tiny model, with a chat template) and JSONL files
     shaped like DAPO-Math-17k-Processed (prompt / solution) and MATH-500 (problem / answer)."""
-    from entclip.config import resolve
-    from entclip.models import load_policy
+    from entclip.contracts.config import resolve
+    from entclip.data.models import load_policy
 
     root = tmp_path_factory.mktemp("standins")
     model, tok, _ = load_policy(resolve(sets=[f"{k}={v}" for k, v in TINY.items()]), lambda s: None)
@@ -112,9 +112,9 @@ def test_smollm2_trains_two_clip_v_steps_with_the_chat_template_and_math_reward(
     from mixed_groups import mixed_groups_for
     from smollm2 import smollm2_folder
 
-    from entclip.config import resolve
-    from entclip.loop import train
-    from entclip.rundir import RunDir
+    from entclip.contracts.config import resolve
+    from entclip.training.loop import train
+    from entclip.contracts.rundir import RunDir
 
     folder = smollm2_folder(os.environ["ENTCLIP_CACHE"])
     problems = [{"question": f"What is {a} + {b}?", "answer": str(a + b)}

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_sets
 from entclip.cli import app
-from entclip.config import resolve
-from entclip.errors import EXISTS, EntclipError
-from entclip.rundir import CKPT_MARKER, RunDir, load_run
+from entclip.contracts.config import resolve
+from entclip.contracts.errors import EXISTS, EntclipError
+from entclip.contracts.rundir import CKPT_MARKER, RunDir, load_run
 from mixed_groups import mixed_groups
 
 LORA = {"lora_r": 4, "lora_alpha": 8, "eval_every": 0}
@@ -27,7 +27,7 @@ def _strip(rows):
 
 
 def _train(path, wrap=mixed_groups, **sets):
-    from entclip.loop import train
+    from entclip.training.loop import train
 
     cfg = resolve(sets=tiny_sets(**{**LORA, **sets}))
     run = RunDir.create(path)
@@ -36,7 +36,7 @@ def _train(path, wrap=mixed_groups, **sets):
 
 
 def test_lora_trains_only_the_adapters_and_the_reference_is_the_disabled_adapter(tmp_path, monkeypatch):
-    import entclip.engine as engine
+    import entclip.training.engine as engine
 
     accounts = []
 
@@ -71,7 +71,7 @@ def test_lora_trains_only_the_adapters_and_the_reference_is_the_disabled_adapter
 
 
 def test_gradient_checkpointing_with_lora_still_moves_the_adapters(tmp_path):
-    from entclip.engine import Trainer
+    from entclip.training.engine import Trainer
 
     cfg = resolve(sets=tiny_sets(**LORA, gradient_checkpointing=True, steps=1, entropy_accounting=False))
     trainer = Trainer(cfg, None, lambda s: None, wrap_sampler=mixed_groups)
@@ -90,7 +90,7 @@ def lora_run(tmp_path_factory):
 
 
 def test_a_lora_checkpoint_is_peft_format_and_resume_is_exact(lora_run, tmp_path):
-    from entclip.loop import train
+    from entclip.training.loop import train
 
     cfg, ref = lora_run
     ckpt = ref / "checkpoints" / "step_000002"
@@ -114,7 +114,7 @@ def test_a_lora_checkpoint_is_peft_format_and_resume_is_exact(lora_run, tmp_path
 def test_export_merged_loads_as_a_plain_model_with_the_adapter_models_logits(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from entclip.models import load_adapter, load_policy
+    from entclip.data.models import load_adapter, load_policy
 
     cfg, run = lora_run
     out = tmp_path / "merged"
@@ -143,8 +143,8 @@ def test_export_merged_refuses_a_full_fine_tuning_run(tmp_path):
 def test_memory_estimate_counts_the_adapters_as_peft_does():
     from peft import LoraConfig, get_peft_model
 
-    from entclip.memory import lora_params, memory_estimate
-    from entclip.tasks.tiny import build_char_tokenizer, build_tiny_model
+    from entclip.training.memory import lora_params, memory_estimate
+    from entclip.data.tasks.tiny import build_char_tokenizer, build_tiny_model
 
     model = build_tiny_model(build_char_tokenizer(), hidden=64, layers=2, heads=2, kv_heads=1, ffn=128)
     for targets in ("all-linear", "q_proj,v_proj"):
@@ -178,7 +178,7 @@ def test_yaml_list_of_target_modules(tmp_path):
 
 
 def test_unknown_target_module_names_the_fix():
-    from entclip.engine import Trainer
+    from entclip.training.engine import Trainer
 
     cfg = resolve(sets=tiny_sets(lora_r=4, lora_target_modules="no_such_proj"))
     with pytest.raises(EntclipError, match="lora_target_modules='no_such_proj'"):
@@ -204,7 +204,7 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
 
     from transformers import AutoModelForCausalLM
 
-    from entclip.engine import Trainer
+    from entclip.training.engine import Trainer
     from mixed_groups import mixed_groups_for
     from smollm2 import smollm2_folder
 
@@ -233,7 +233,7 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
     assert torch.isfinite(torch.tensor([row["entropy/pred_param"], row["loss/total"]])).all()
     assert all(torch.equal(p, before[n]) for n, p in named.items() if n not in adapters)
     assert any(not torch.equal(named[n], before[n]) for n in adapters if "lora_B" in n)
-    from entclip.models import export_merged
+    from entclip.data.models import export_merged
 
     trainer.policy.save_pretrained(tmp_path / "adapter")  # a checkpoint's adapter and tokenizer
     trainer.tokenizer.save_pretrained(tmp_path / "adapter")
@@ -252,7 +252,7 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
 
 def test_a_checkpoint_evaluated_on_another_base_is_refused(lora_run):
     """The run trained on its seed's warm start; another seed's config builds another base model."""
-    from entclip.models import load_adapter, load_policy
+    from entclip.data.models import load_adapter, load_policy
 
     cfg, run = lora_run
     other = resolve(sets=tiny_sets(**LORA, seed=cfg.seed + 1))

@@ -1,11 +1,11 @@
-"""entclip.losses on hand-computed tensors."""
+"""entclip.core.losses on hand-computed tensors."""
 
 import math
 
 import pytest
 import torch
 
-from entclip.losses import (
+from entclip.core.losses import (
     aggregate,
     clip_b_mask,
     clip_b_z,

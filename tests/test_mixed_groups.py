@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from entclip.rollout import Rollout, Sampler, completion_mask
-from entclip.tasks.arithmetic import verify
-from entclip.tasks.tiny import build_char_tokenizer
+from entclip.training.rollout import Rollout, Sampler, completion_mask
+from entclip.data.tasks.arithmetic import verify
+from entclip.data.tasks.tiny import build_char_tokenizer
 from mixed_groups import WRONG, MixedGroups
 
 

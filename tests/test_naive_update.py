@@ -21,7 +21,7 @@ import torch
 
 import naive
 from conftest import TINY
-from entclip.config import Config
+from entclip.contracts.config import Config
 from mixed_groups import mixed_groups
 
 TOL = 1e-4  # relative gradient error, float32 engine vs float64 reference (observed ~1e-6)
@@ -139,7 +139,7 @@ def test_dropped_tokens_get_exactly_zero_gradient(name, monkeypatch):
     The engine's is read off its per-micro-batch log-prob tensors (retain_grad on theory.token_logp),
     without accounting, whose extra passes would call it too. KL is off in these cases: with the
     normalizer 'all' a dropped token keeps its KL term by design."""
-    from entclip import theory
+    from entclip.core import theory
 
     overrides = {k: v for k, v in CASES[name][0].items() if k != "entropy_coef"}
     assert "kl_coef" not in overrides
@@ -201,8 +201,8 @@ def test_a_resumed_step_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     metrics and final weights, and starts from the same coefficient and last entropy."""
     from safetensors.torch import load_file
 
-    import entclip.loop as loop
-    from entclip.rundir import RunDir, load_run
+    import entclip.training.loop as loop
+    from entclip.contracts.rundir import RunDir, load_run
 
     starts = {}  # run name -> (entropy_coef, last_entropy) as each step began
 

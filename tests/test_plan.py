@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from entclip import memory, plan
-from entclip.config import Config
-from entclip.errors import NOT_FOUND, EntclipError
+from entclip.training import memory, plan
+from entclip.contracts.config import Config
+from entclip.contracts.errors import NOT_FOUND, EntclipError
 
 
 def small_config(**overrides) -> Qwen2Config:
@@ -250,7 +250,7 @@ def test_activation_formula_matches_what_autograd_saves(precision):
 def logits_heavy_model(tmp_path_factory):
     """A Qwen2 model folder whose logits outweigh its activations (V = 32768, h = 64), with the built-in
     character tokenizer; equal heads and KV heads (see the activation test)."""
-    from entclip.tasks.tiny import build_char_tokenizer
+    from entclip.data.tasks.tiny import build_char_tokenizer
 
     path = tmp_path_factory.mktemp("logits-heavy")
     torch.manual_seed(0)
@@ -269,8 +269,8 @@ def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
     AdamW moments, after one step), from the profiler's memory events. The rollout is a fixed batch."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from entclip.engine import Trainer
-    from entclip.rollout import Rollout
+    from entclip.training.engine import Trainer
+    from entclip.training.rollout import Rollout
 
     cfg = Config(**{**PROFILE_BASE, "model": str(folder), **settings})
     trainer = Trainer(cfg, None, lambda s: None)

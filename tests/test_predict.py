@@ -91,9 +91,9 @@ def test_the_applied_step_reproduces_a_nonzero_prediction(tmp_path):
     the step's own accounting of the same update must reproduce it (on-policy, ratio 1)."""
     from mixed_groups import mixed_groups
 
-    from entclip.config import resolve
-    from entclip.predict import predict
-    from entclip.tasks.arithmetic import ArithmeticTask
+    from entclip.contracts.config import resolve
+    from entclip.training.predict import predict
+    from entclip.data.tasks.arithmetic import ArithmeticTask
 
     cfg = resolve(sets=tiny_sets(minibatches=1, epochs=1))
     problems = ArithmeticTask(cfg.max_operand, cfg.n_test).train[:cfg.prompts_per_step]

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import TEST_SEED
-from entclip.baselines import clip_cov_mask, high_entropy_mask
-from entclip.losses import clip_b_mask, clip_v_mask, clipped_surrogate, sign_mask
+from entclip.core.methods import clip_cov_mask, high_entropy_mask
+from entclip.core.losses import clip_b_mask, clip_v_mask, clipped_surrogate, sign_mask
 
 G = 4  # group size
 

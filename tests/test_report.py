@@ -8,11 +8,11 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from entclip import gates
+from entclip.reports import gates
 from entclip.cli import app
-from entclip.errors import GATE, EntclipError
-from entclip.report import calibration, pearson, summarize
-from entclip.rundir import LoadedRun, load_run
+from entclip.contracts.errors import GATE, EntclipError
+from entclip.reports.analyze import calibration, pearson, summarize
+from entclip.contracts.rundir import LoadedRun, load_run
 
 
 def test_calibration_of_a_scaled_prediction():

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_sets
-from entclip.config import resolve
-from entclip.engine import train
-from entclip.errors import FAILED, EntclipError
-from entclip.rundir import RunDir, load_run
+from entclip.contracts.config import resolve
+from entclip.training.loop import train
+from entclip.contracts.errors import FAILED, EntclipError
+from entclip.contracts.rundir import RunDir, load_run
 
 SETS = tiny_sets(steps=40, save_every=5, eval_every=10, keep_checkpoints=0)
 
@@ -98,7 +98,7 @@ def test_keep_checkpoints_prunes_older_ones(tmp_path):
 
 def _poison(monkeypatch, bad_calls):
     """Make the update's log-probs NaN on the given call numbers of token_logp (1-based)."""
-    import entclip.engine as engine
+    import entclip.training.engine as engine
 
     real, calls = engine.theory.token_logp, {"n": 0}
 
@@ -142,7 +142,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from entclip.loop import _rng_state, _set_rng_state
+    from entclip.training.loop import _rng_state, _set_rng_state
 
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     torch.save(_rng_state(), tmp_path / "s.pt")

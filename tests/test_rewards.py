@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from entclip.errors import EntclipError
-from entclip.rewards import (BUILTIN, RewardBatch, RewardRunner, exact_reward, format_reward, math_reward,
+from entclip.contracts.errors import EntclipError
+from entclip.data.rewards import (BUILTIN, RewardBatch, RewardRunner, exact_reward, format_reward, math_reward,
                              parse_spec)
 
 MOD = "entclip_test_custom_rewards"  # written to a temporary folder, importable only through sys.path

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY
-from entclip.config import resolve
-from entclip.rollout import HFSampler, _uniform, gumbel_noise
+from entclip.contracts.config import resolve
+from entclip.training.rollout import HFSampler, _uniform, gumbel_noise
 
 
 def test_uniforms_stay_strictly_inside_zero_one():
@@ -38,7 +38,7 @@ def test_gumbel_max_samples_the_softmax():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from entclip.models import load_policy
+    from entclip.data.models import load_policy
 
     model, tok, _ = load_policy(resolve(sets=[f"{k}={v}" for k, v in TINY.items()]), lambda s: None)
     return model.eval(), tok

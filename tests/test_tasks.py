@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import TEST_SEED
-from entclip.errors import EntclipError
-from entclip.tasks import tiny
-from entclip.tasks.arithmetic import ArithmeticTask, Problem, reward, verify
-from entclip.tasks.tiny import (
+from entclip.contracts.errors import EntclipError
+from entclip.data.tasks import tiny
+from entclip.data.tasks.arithmetic import ArithmeticTask, Problem, reward, verify
+from entclip.data.tasks.tiny import (
     WarmStartSpec,
     build_char_tokenizer,
     build_tiny_model,

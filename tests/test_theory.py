@@ -1,4 +1,4 @@
-"""entclip.theory against hand-computed values, a float64 reference and finite differences."""
+"""entclip.core.theory against hand-computed values, a float64 reference and finite differences."""
 
 import json
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from entclip import theory
-from entclip.accounting import StepAccount
-from entclip.theory import (
+from entclip.core import theory
+from entclip.training.accounting import StepAccount
+from entclip.core.theory import (
     TokenStats,
     entropy_delta_between,
     entropy_delta_from_logit_change,

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_sets
 from entclip.cli import app
-from entclip.config import resolve
-from entclip.errors import EntclipError
-from entclip.rundir import RunDir
+from entclip.contracts.config import resolve
+from entclip.contracts.errors import EntclipError
+from entclip.contracts.rundir import RunDir
 
 runner = CliRunner()
 
@@ -139,7 +139,7 @@ def test_trackio_local_store_holds_every_row_under_the_run_name(tmp_path):
 
 
 def test_a_tracker_that_raises_is_reported_once_and_the_run_completes(tmp_path, monkeypatch):
-    from entclip import trackers
+    from entclip.training import trackers
 
     calls = []
 
@@ -169,7 +169,7 @@ def test_a_missing_tracker_package_stops_with_one_line_naming_the_extra_before_t
 
 
 def test_resume_continues_tensorboard_and_wandb_without_a_repeated_step(tmp_path):
-    from entclip.loop import train
+    from entclip.training.loop import train
 
     cfg = resolve(sets=[*tiny_sets(steps=4, eval_every=2, save_every=2, keep_checkpoints=0),
                         "report_to=tensorboard,wandb", f"out_dir={tmp_path}", "name=r"])
