@@ -74,6 +74,21 @@ def test_compare_statistics_on_hand_made_runs(tmp_path):
     assert "reward_final" not in cmp.best(tied)  # all tied: nothing marked
 
 
+def test_mean_and_sample_std_by_hand():
+    """1 2 3 4: mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5 over n - 1 = 3."""
+    m, s = cmp._mean_std([1.0, 2.0, None, 3.0, 4.0])  # None: a seed without that figure
+    assert m == 2.5 and math.isclose(s, math.sqrt(5 / 3), rel_tol=1e-12)
+    assert cmp._mean_std([7]) == (7.0, 0.0) and cmp._mean_std([None]) == (None, None)
+    assert cmp._mean_std([0.1, 0.1, 0.1])[1] == 0.0
+    m, s = cmp._mean_std([1.0, math.nan])  # a NaN literal in a hand-written file: nan, no crash
+    assert math.isnan(m) and math.isnan(s)
+
+
+def test_a_run_without_logged_steps_gives_empty_figures(tmp_path):
+    (row,) = cmp.table([LoadedRun(path=tmp_path / "new-s0", config={}, metrics=[])])
+    assert row["reward_best"] == {"mean": None, "std": None} and row["collapse_step"]["mean"] == 1
+
+
 def test_evaluate_a_finished_run(group):
     res = runner.invoke(app, ["evaluate", str(group / f"none-s{S0}"), "--n", "8", "--k", "2", "--json"])
     assert res.exit_code == 0, res.output

@@ -31,6 +31,31 @@ def test_calibration_counts_sign_disagreements_and_ranks_ties():
 
 def test_pearson_of_constant_series_is_undefined():
     assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+    assert pearson([0.1] * 3, [1.0, 2.0, 3.0]) is None  # its float mean is not exactly 0.1
+    assert pearson([1.0, 2.0], [1.0, 2.0]) is None  # below 3 points
+    c = calibration([0.3, 0.3, 0.3], [1.0, 2.0, 3.0])
+    assert c["pearson"] is None and c["spearman"] is None and c["slope"] is None
+    assert calibration([1.0], [2.0])["slope"] is None and calibration([], [])["n"] == 0
+
+
+def test_calibration_by_hand():
+    """x = 1..5, y = 2 4 5 4 5: deviations (-2 -1 0 1 2), (-2 0 1 0 1), so Sxy = 6, Sxx = 10, Syy = 6:
+    r = 6 / sqrt(60), slope = 6 / 10. Ranks of y, ties averaged: 0 1.5 3.5 1.5 3.5, whose deviations
+    (-2 -0.5 1.5 -0.5 1.5) give Sxy = 7, Syy = 9: Spearman 7 / sqrt(90)."""
+    c = calibration([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 5.0, 4.0, 5.0])
+    assert math.isclose(c["pearson"], 6 / math.sqrt(60), rel_tol=1e-12)
+    assert math.isclose(c["pearson"], 0.7745966692414834, rel_tol=1e-12)
+    assert math.isclose(c["slope"], 0.6, rel_tol=1e-12)
+    assert math.isclose(c["spearman"], 7 / math.sqrt(90), rel_tol=1e-12)
+    assert c["n"] == 5 and c["sign_agreement"] == 1.0
+    assert math.isclose(calibration([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])["pearson"], -1.0)
+
+
+def test_mean_of_nothing_and_of_non_finite_values():
+    from entclip.reports.analyze import mean
+
+    assert mean([]) is None and mean([1, 2]) == 1.5 and isinstance(mean([1, 2]), float)
+    assert math.isnan(mean([math.inf, -math.inf])) and mean([1.0, math.inf]) == math.inf
 
 
 def test_summarize_tolerates_missing_keys_and_reports_accounting(tmp_path):

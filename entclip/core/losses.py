@@ -3,7 +3,8 @@
 Pure functions over tensors (THEORY.md). Shapes: B sequences, T completion tokens, G group size.
 `mask` (B, T) is 1/True on valid response tokens and 0/False on padding. `advantages` may be (B,)
 (one per sequence, spread over its tokens) or (B, T). Batch statistics are over whatever batch is
-passed in: the engine gathers the whole training batch across processes before calling.
+passed in: the engine gathers the whole training batch across processes before calling the filters
+(training/objective.py `batch_filter`). `baseline` is E_p[S] throughout (theory.token_stats).
 """
 
 import math

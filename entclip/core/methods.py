@@ -1,9 +1,16 @@
-"""Baseline entropy-control methods as pure tensor functions (THEORY.md, "The baselines it reinterprets").
+"""The competing entropy-control methods as pure tensor functions (README, "Entropy control").
+
+Names: these are "the methods". "baseline" means only E_p[S], the expectation of the token
+statistic under the policy (TokenStats.baseline, the `baseline` argument of losses.clip_v_mask);
+GRPO's reward baseline is "the group mean" (losses.group_advantages).
 
 Each returns a keep-mask, a per-token weight or a per-token loss term, so the engine composes one
 objective: aggregate(weight * keep * per_token_loss, mask) (+ scalar terms). Shapes as in losses.py.
 Anything batch-global (a mean, a quantile, a top-k, a min/max) is computed over the tensors passed
-in: the engine gathers the training batch across processes first. Selections carry no gradient.
+in; the caller chooses them (training/objective.py): the whole training batch gathered across
+processes (filter_scope=rollout), one micro-batch of every process gathered (high_entropy at
+filter_scope=micro, as TRL), or this process's micro-batch alone (Clip-Cov at filter_scope=micro,
+as verl; KL-Cov's top-k and STEER's range, every micro-batch). Selections carry no gradient.
 
 Fractions, never percents: every share parameter here (`frac`, `rho`, `target_share`) is a fraction
 of the valid tokens. The Clip-Cov / KL-Cov authors' code mixes both: Clip-Cov's `clip_ratio=0.0002`
@@ -156,8 +163,11 @@ def clip_cov_mask(
     drawn uniformly without replacement (torch.randperm over the candidates in row-major order, on
     `generator`) and dropped. frac is a fraction (the authors' clip_ratio=2e-4). The references call
     this per micro-batch of every update with the current log p (the engine's filter_scope=micro).
-    Returns keep (B, T) bool = valid and not drawn; no candidates: every valid token. A dropped token
-    is detached, not removed: its policy term is zeroed and it still counts in the normalizer.
+    Returns keep (B, T) bool = valid and not drawn; no candidates: every valid token. A drawn token
+    is detached, not removed: the engine zeroes its policy term (training/objective.py `loss_masks`).
+    With filter_normalizer=auto (the references' choice) the normalizer and the KL count every valid
+    token, drawn ones included, and so does the entropy bonus; filter_normalizer=kept (which needs
+    filter_scope=rollout) takes the drawn tokens out of the normalizer and the KL, not out of the bonus.
     """
     _check_frac("frac", frac, "; Clip-Cov's published 2e-4 is already a fraction")
     valid = mask.bool()

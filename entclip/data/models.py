@@ -1,7 +1,9 @@
 """Loading the policy: the built-in tiny model after its cached warm start, or any causal LM.
 
-Everything that touches model files lives here, so the loop never deals with paths or caches.
-No remote code is ever executed (trust_remote_code=False); weights are safetensors.
+Loading a model lives here (a GGUF file: gguf.py), so the loop never deals with caches.
+A model's own code (transformers' trust_remote_code) runs only when the config asks for it
+(`trust_remote_code`, off by default: a user's opt-in for a model they trust); a GGUF file never
+runs any. The folders entclip writes (the warm start, export-merged, convert-gguf) hold safetensors.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def load_policy(cfg: Config, log: Log):
 def load_folder(path: str, precision: str = "fp32", trust_remote_code: bool = False):
     """A causal LM and its tokenizer from a local folder, a .gguf file or a Hugging Face id.
 
-    Weights load in float32 (bfloat16 for precision "bf16"); no remote code unless asked for.
+    Weights load in float32 (bfloat16 for precision "bf16"). The model's own code runs only with
+    trust_remote_code=True (the config's opt-in); a .gguf file ignores it and runs none.
     An id that is neither on disk nor in the local Hugging Face cache gives one line naming the fix.
     """
     import torch

@@ -5,14 +5,15 @@ Builtins: `exact` (stripped string equality), `math` (math-verify on the last \\
 reading the numbers and target from the prompt). A spec "math=1.0,format=0.1" sums weighted scores;
 a NAME may also be `module:function`, any importable callable with the RewardFn signature.
 
-Where rewards run (RewardRunner): exact and format are pure and fast, so they run in-process. math
-and every custom reward run in ONE long-lived worker process (spawn context, started on first need,
-reused). The worker answers item by item; the parent waits for each answer at most `timeout`
-seconds, so a stuck reward is cut off wherever the runner is called from (signal-based timeouts only
-work in the main thread). On a timeout the worker is killed and a fresh one continues with the
-remaining items; a worker that dies mid-item costs that item only. A reward that raises, returns a
-non-number or a non-finite number, times out or kills its process scores 0 and is counted; the
-caller never sees the exception. timeout=0 runs everything in-process, without a timeout.
+Where rewards run (RewardRunner): exact, format and countdown are pure and fast, so they run
+in-process. math and every custom reward run in ONE long-lived worker process (spawn context,
+started on first need, reused). The worker answers item by item; the parent waits for each answer at
+most `timeout` seconds, so a stuck reward is cut off wherever the runner is called from
+(signal-based timeouts only work in the main thread). On a timeout the worker is killed and a fresh
+one continues with the remaining items; a worker that dies mid-item costs that item only. A reward
+that raises, returns a non-number or a non-finite number, times out or kills its process scores 0
+and is counted; the caller never sees the exception. timeout=0 runs everything in-process, without
+a timeout.
 As with any spawn-based multiprocessing, a script that creates a runner needs the
 `if __name__ == "__main__":` guard.
 """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Any
 
 from entclip.contracts.rundir import LoadedRun
@@ -11,8 +13,16 @@ def _col(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
 
 
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
+def mean(xs: list[float]) -> float | None:
+    """The arithmetic mean, None for no values. A hand-written metrics file may hold NaN or inf
+    (json reads them): where statistics.fmean refuses (inf - inf, a sum past the float range) the
+    mean is what plain summation gives, nan or inf."""
+    if not xs:
+        return None
+    try:
+        return statistics.fmean(xs)
+    except (ValueError, OverflowError):
+        return sum(xs) / len(xs)
 
 
 def _edge_means(series: list[tuple[int, float]], frac: float = 0.1) -> tuple[float | None, float | None]:
@@ -20,17 +30,24 @@ def _edge_means(series: list[tuple[int, float]], frac: float = 0.1) -> tuple[flo
     if not series:
         return None, None
     n = max(1, int(len(series) * frac))
-    return _mean([v for _, v in series[:n]]), _mean([v for _, v in series[-n:]])
+    return mean([v for _, v in series[:n]]), mean([v for _, v in series[-n:]])
+
+
+def _constant(xs: list[float]) -> bool:
+    return len(set(xs)) < 2
 
 
 def pearson(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 3:
+    """Pearson's r of two series of the same length; None (undefined) below 3 points or when either
+    series is constant."""
+    if len(a) < 3 or _constant(a) or _constant(b):
         return None
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    if va == 0 or vb == 0:
+    try:
+        return statistics.correlation(a, b)
+    except statistics.StatisticsError:  # a spread so small that its square underflows: as constant
         return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
+    except (ValueError, OverflowError):  # inf - inf, a sum past the float range (a hand-written file)
+        return math.nan
 
 
 def _ranks(xs: list[float]) -> list[float]:
@@ -54,12 +71,14 @@ def calibration(pred: list[float], measured: list[float]) -> dict[str, Any]:
     least-squares slope of measured on predicted (1 = calibrated magnitude).
     """
     n = len(pred)
-    mp = sum(pred) / n if n else 0.0
-    var = sum((x - mp) ** 2 for x in pred)
-    slope = None
-    if n >= 2 and var > 0:
-        mm = sum(measured) / n
-        slope = sum((x - mp) * (y - mm) for x, y in zip(pred, measured)) / var
+    slope = None  # undefined for a constant or non-finite prediction
+    if n >= 2 and not _constant(pred) and all(map(math.isfinite, pred)):
+        try:
+            slope = statistics.linear_regression(pred, measured).slope
+        except statistics.StatisticsError:  # a spread of pred so small that its square underflows
+            pass
+        except (ValueError, OverflowError):  # inf - inf among the measured values
+            slope = math.nan
     return {"n": n, "pearson": pearson(pred, measured), "spearman": pearson(_ranks(pred), _ranks(measured)),
             "sign_agreement": sum((x > 0) == (y > 0) for x, y in zip(pred, measured)) / n if n else None,
             "slope": slope}
@@ -103,7 +122,7 @@ def _entropy_accounting(m: list[dict[str, Any]], segments: int = 4) -> dict[str,
         seg = rows[i:i + size]
         row = {"steps": f"{seg[0]['step']}-{seg[-1]['step']}"}
         for q in QUADS:
-            row[f"{q}_share"] = _mean([r.get(f"quad/{q}_share", 0.0) for r in seg])
+            row[f"{q}_share"] = mean([r.get(f"quad/{q}_share", 0.0) for r in seg])
             row[f"{q}_pred"] = sum(r.get(f"quad/{q}_pred", 0.0) for r in seg)
         quads.append(row)
     out["quadrants"] = quads
@@ -133,7 +152,7 @@ def summarize(run: LoadedRun, points: int = 6) -> dict[str, Any]:
                 "clip/filter_frac_pos", "clip/filter_frac_neg", "reward/zero_var_frac"]:
         vals = [v for _, v in _col(m, key)]
         if vals:
-            shares[key] = _mean(vals)
+            shares[key] = mean(vals)
     out["shares_mean"] = shares
     for key in ["disc/min_z_b", "disc/min_z_v"]:
         vals = [v for _, v in _col(m, key)]
@@ -141,15 +160,15 @@ def summarize(run: LoadedRun, points: int = 6) -> dict[str, Any]:
             out.setdefault("min_z", {})[key] = min(vals)
     step_s = [v for _, v in _col(m, "perf/step_s")]
     if step_s:
-        out["perf"] = {"step_s_mean": _mean(step_s)}
+        out["perf"] = {"step_s_mean": mean(step_s)}
     if m:  # an evenly spaced trajectory, first and last step included
         idx = sorted({round(i * (len(m) - 1) / max(points - 1, 1)) for i in range(points)})
         cols = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac"]
         out["trajectory"] = [{"step": m[i].get("step"), **{c: m[i].get(c) for c in cols}} for i in idx]
     dev, disc = [v for _, v in _col(m, "disc/dev_mean")], [v for _, v in _col(m, "disc/mean")]
     if dev and disc:  # Corollary 3.5: on-policy the deviation averages to ~0, S* does not
-        out["corollary_3_5"] = {"dev_mean": _mean(dev), "disc_mean": _mean(disc),
-                                "ratio": _mean(dev) / _mean(disc) if _mean(disc) else None}
+        out["corollary_3_5"] = {"dev_mean": mean(dev), "disc_mean": mean(disc),
+                                "ratio": mean(dev) / mean(disc) if mean(disc) else None}
     acct = _entropy_accounting(m)
     if acct:
         out["entropy_accounting"] = acct

@@ -11,11 +11,13 @@ import io
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 from entclip.contracts.errors import NOT_FOUND, EntclipError
 from entclip.contracts.rundir import CONFIG, LoadedRun, eval_set_names, load_run
+from entclip.reports.analyze import mean
 
 _SUFFIX = re.compile(r"-s\d+(-\d{8}-\d{6})?$")
 
@@ -62,13 +64,13 @@ def _tail_mean(xs: list[float], frac: float = 0.1) -> float | None:
     if not xs:
         return None
     n = max(1, int(len(xs) * frac))
-    return sum(xs[-n:]) / n
+    return mean(xs[-n:])
 
 
 def run_figures(run: LoadedRun, collapse: float) -> dict[str, Any]:
     """The per-run numbers behind one compare row."""
     reward, ent = _series(run, "reward/mean"), _series(run, "entropy/mean")
-    smooth = [sum(reward[i:i + 10]) / len(reward[i:i + 10]) for i in range(0, max(len(reward) - 9, 1))]
+    smooth = [mean(reward[i:i + 10]) for i in range(0, max(len(reward) - 9, 1))]
     ev = run.evals[-1] if run.evals else {}
     k = run.config.get("eval_k", 8)
     main = (eval_set_names(ev) or ["test"])[0]  # the first eval set stands for the run
@@ -79,7 +81,7 @@ def run_figures(run: LoadedRun, collapse: float) -> dict[str, Any]:
         "reward_final": _tail_mean(reward), "reward_best": max(smooth) if reward else None,
         "eval_greedy": ev.get(f"{main}/greedy_acc"), "eval_avg": ev.get(f"{main}/avg@{k}"),
         "eval_pass": ev.get(f"{main}/pass@{k}"), "entropy_final": _tail_mean(ent),
-        "entropy_auc": sum(ent) / len(ent) if ent else None,
+        "entropy_auc": mean(ent),
         # Never below the threshold counts as the run's length + 1 (a lower bound).
         "collapse_step": below[0] if below else steps + 1,
         "filter_frac": _tail_mean(_series(run, "clip/filter_frac"), 1.0),
@@ -89,11 +91,15 @@ def run_figures(run: LoadedRun, collapse: float) -> dict[str, Any]:
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1) over seeds; one seed has std 0, none gives None."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    if len(xs) == 1:
+        return mean(xs), 0.0
+    if not all(map(math.isfinite, xs)):  # statistics.stdev cannot take nan or inf
+        return mean(xs), math.nan
+    return mean(xs), statistics.stdev(xs)
 
 
 def table(runs: list[LoadedRun], collapse: float = 0.2) -> list[dict[str, Any]]:
@@ -197,10 +203,10 @@ def plot(runs: list[LoadedRun], path: Path) -> None:
             if n == 0:
                 continue
             # Both are means over one rollout batch and noisy step to step: smooth for the eye.
-            series = [[sum(s[max(0, i - 9):i + 1]) / len(s[max(0, i - 9):i + 1]) for i in range(n)] for s in series]
+            series = [[mean(s[max(0, i - 9):i + 1]) for i in range(n)] for s in series]
             cols = list(zip(*[s[:n] for s in series]))
-            mean = [sum(c) / len(c) for c in cols]
-            line, = ax.plot(range(1, n + 1), mean, label=f"{name} ({len(members)})", linewidth=1.2)
+            line, = ax.plot(range(1, n + 1), [mean(c) for c in cols], label=f"{name} ({len(members)})",
+                            linewidth=1.2)
             if len(members) > 1:
                 ax.fill_between(range(1, n + 1), [min(c) for c in cols], [max(c) for c in cols],
                                 color=line.get_color(), alpha=0.08)

@@ -18,6 +18,7 @@ from typing import Any
 
 from entclip.contracts.errors import BAD_CONFIG, EntclipError
 from entclip.contracts.rundir import LoadedRun
+from entclip.reports.analyze import mean
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 _CONDITION = re.compile(r"^\s*(?P<metric>[^<>=!\s]+)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<number>\S+)\s*$")
@@ -96,7 +97,7 @@ def _judge(run: LoadedRun, c: Condition, window: int) -> Verdict:
     rows = rows[-window:] if in_metrics else rows[-1:]
     raw = [r[c.metric] for r in rows]
     finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw)
-    value = sum(raw) / len(raw) if finite else None
+    value = mean(raw) if finite else None
     steps = [r.get("step") for r in rows]
     if not in_metrics:
         where = f"eval at step {steps[-1]}"

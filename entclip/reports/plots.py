@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from entclip.contracts.errors import BAD_CONFIG, NOT_FOUND, EntclipError
-from entclip.reports.analyze import QUADS, calibration
+from entclip.reports.analyze import QUADS, calibration, mean
 from entclip.contracts.rundir import LoadedRun, eval_set_names, write_atomic
 
-# Short panel labels (the analyze table has the long ones, report.PREDICTIONS): four panels share a row.
+# Short panel labels (the analyze table has the long ones, analyze.PREDICTIONS): four panels share a row.
 PREDICTIONS = {"entropy/pred_param2": "2nd order, per update",
                "entropy/pred_param": "1st order, parameters",
                "entropy/pred_dz": "1st order, logits",
@@ -36,7 +36,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
 
 
 def _moving_mean(ys: list[float], n: int = 10) -> list[float]:
-    return [sum(ys[max(0, i - n + 1):i + 1]) / len(ys[max(0, i - n + 1):i + 1]) for i in range(len(ys))]
+    return [mean(ys[max(0, i - n + 1):i + 1]) for i in range(len(ys))]
 
 
 def _empty(ax, text: str) -> None:
