@@ -18,10 +18,17 @@ from typing import Any, Literal
 import yaml
 
 from entclip.contracts.errors import NOT_FOUND, EntclipError
+from entclip.core import registry
 
 
 def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
+
+
+def _key(name: str) -> Any:
+    """A method key's field: its default and help as the method registry declares them."""
+    key = registry.KEYS[name]
+    return _f(key.default, key.help)
 
 
 @dataclass(frozen=True)
@@ -117,53 +124,38 @@ class Config:
     loss_agg_constant: int | None = _f(None, "the 'constant' aggregation's length (default max_new_tokens)")
     scale_std: bool = _f(True, "divide group-centred rewards by the group std (False = Dr. GRPO)")
     kl_coef: float = _f(0.0, "k3 KL penalty to the frozen initial policy (0 = no reference model)")
-    # ---- entropy control ------------------------------------------------------------------
+    # ---- entropy control (each method key's default and help: entclip/core/registry.py) -------
     entropy_control: Literal["none", "clip_b", "clip_v", "sign", "high_entropy", "clip_cov", "kl_cov", "steer"] = _f(
-        "none", "method: Clip_B / Clip_V (arXiv 2602.03392), sign intervention, high_entropy (80/20), "
-        "clip_cov / kl_cov (Cui et al. 2025), steer (per-token weights), or none"
-    )
-    filter_rule: Literal["released", "paper"] = _f(
-        "released", "released = one-sided on negative advantages; paper = two-sided band"
-    )
-    clip_b_mu: float = _f(2.5, "Clip_B threshold in batch standard deviations (released default 2.5)")
-    clip_v_mu: float = _f(8.5, "Clip_V threshold in standard deviations (released default 8.5)")
-    clip_v_max_frac: float | None = _f(1e-4, "Clip_V released rule: cap on the dropped share (null = no cap)")
-    filter_mu_low: float | None = _f(None, "paper rule: lower band width (default: the method's mu)")
-    filter_mu_high: float | None = _f(None, "paper rule: upper band width (default: the method's mu)")
-    filter_target_share: float | None = _f(None, "Clip_B/Clip_V adaptive mu: drop this share of valid tokens each step")
-    filter_target_dh: float | None = _f(None, "Clip_B/Clip_V adaptive mu: reach this lr-free predicted entropy change (mean per valid token)")
-    adaptive_mu_min: float = _f(0.0, "adaptive mu: lower clamp")
-    adaptive_mu_max: float = _f(20.0, "adaptive mu: upper clamp")
-    filter_normalizer: Literal["auto", "kept", "all"] = _f(
-        "auto", "what a token filter's dropped tokens leave: kept = the loss, its normalizer, the KL and the "
-        "entropy bonus (Trinity-RFT: Clip_B, Clip_V, sign); all = only their policy term, the normalizer "
-        "and KL keep every valid token (TRL 80/20, verl Clip-Cov); auto = the method's reference")
-    filter_scope: Literal["auto", "rollout", "micro"] = _f(
-        "auto", "when high_entropy / clip_cov select: micro = in every micro-batch of every update from the "
-        "current forward (TRL, verl); rollout = once per rollout batch before the first update; auto = micro "
-        "for those two, rollout for Clip_B / Clip_V / sign (their references select there)")
-    high_entropy_rho: float = _f(0.2, "high_entropy: keep the top rho fraction of tokens by entropy")
-    cov_frac: float = _f(2e-4, "clip_cov: fraction (not percent) of valid tokens detached, drawn from the band")
-    cov_lb: float = _f(1.0, "clip_cov: lower bound of the covariance band")
-    cov_ub: float = _f(5.0, "clip_cov: upper bound of the covariance band")
-    kl_cov_frac: float = _f(2e-3, "kl_cov: fraction (not percent; the authors' k=0.2%) of tokens penalized")
-    kl_cov_beta: float = _f(1.0, "kl_cov: weight of |log p - log p_old| on the selected tokens")
-    steer_w_max: float = _f(1.2, "steer: weight of the token with the smallest |Omega|")
-    steer_w_min: float = _f(0.8, "steer: weight of the token with the largest |Omega|")
-    dual_clip_c: float | None = _f(None, "dual clip for A < 0: loss <= -c A (e.g. 3.0; null = off)")
-    entropy_coef: float = _f(0.0, "entropy bonus: loss -= coef * mean H over each micro-batch (gradient "
-                             "through H; as TRL); with entropy_target, the starting coefficient")
-    entropy_target: float | None = _f(None, "adaptive entropy bonus (Skywork-OR1, as TRL): after each optimizer "
-                                      "update coef rises by entropy_coef_delta while the update's entropy is at "
-                                      "or below this target and falls otherwise; applied only at or below it")
-    entropy_coef_delta: float = _f(5e-4, "adaptive entropy bonus: step of coef per optimizer update")
-    entropy_coef_min: float = _f(0.0, "adaptive entropy bonus: lower clamp of coef")
-    entropy_coef_max: float = _f(0.05, "adaptive entropy bonus: upper clamp of coef")
-    sign_statistic: Literal["s_star", "deviation"] = _f(
-        "s_star", "sign intervention: the sign of S* (Theorem 3.2, as the paper's sources describe the test) "
-        "or of S* - E_p[S] (deviation, Theorem 3.3)")
-    sign_deviation: Literal["pos", "neg"] = _f("pos", "sign intervention: keep tokens whose statistic is > 0 (pos) or < 0 (neg)")
-    sign_samples: Literal["all", "pos", "neg"] = _f("all", "sign intervention: only tokens of samples with A > 0 (pos) or A < 0 (neg)")
+        "none", "method: " + registry.method_choices_help())
+    filter_rule: Literal["released", "paper"] = _key("filter_rule")
+    clip_b_mu: float = _key("clip_b_mu")
+    clip_v_mu: float = _key("clip_v_mu")
+    clip_v_max_frac: float | None = _key("clip_v_max_frac")
+    filter_mu_low: float | None = _key("filter_mu_low")
+    filter_mu_high: float | None = _key("filter_mu_high")
+    filter_target_share: float | None = _key("filter_target_share")
+    filter_target_dh: float | None = _key("filter_target_dh")
+    adaptive_mu_min: float = _key("adaptive_mu_min")
+    adaptive_mu_max: float = _key("adaptive_mu_max")
+    filter_normalizer: Literal["auto", "kept", "all"] = _key("filter_normalizer")
+    filter_scope: Literal["auto", "rollout", "micro"] = _key("filter_scope")
+    high_entropy_rho: float = _key("high_entropy_rho")
+    cov_frac: float = _key("cov_frac")
+    cov_lb: float = _key("cov_lb")
+    cov_ub: float = _key("cov_ub")
+    kl_cov_frac: float = _key("kl_cov_frac")
+    kl_cov_beta: float = _key("kl_cov_beta")
+    steer_w_max: float = _key("steer_w_max")
+    steer_w_min: float = _key("steer_w_min")
+    dual_clip_c: float | None = _key("dual_clip_c")
+    entropy_coef: float = _key("entropy_coef")
+    entropy_target: float | None = _key("entropy_target")
+    entropy_coef_delta: float = _key("entropy_coef_delta")
+    entropy_coef_min: float = _key("entropy_coef_min")
+    entropy_coef_max: float = _key("entropy_coef_max")
+    sign_statistic: Literal["s_star", "deviation"] = _key("sign_statistic")
+    sign_deviation: Literal["pos", "neg"] = _key("sign_deviation")
+    sign_samples: Literal["all", "pos", "neg"] = _key("sign_samples")
     entropy_accounting: bool = _f(True, "log predicted vs measured entropy change per step (extra passes)")
     accounting_every: int = _f(8, "entropy accounting cadence in steps: every 8th step (an accounted step costs about 2x a plain one on the tiny model; raise it for large models)")
     accounting_unit: Literal["update", "step"] = _f(
@@ -194,21 +186,29 @@ class Config:
 
     @property
     def filter_mu(self) -> float:
+        """For display only (the CLI's plan line): the objective passes each method's own key."""
         return self.clip_v_mu if self.entropy_control == "clip_v" else self.clip_b_mu
 
     @property
+    def method(self) -> registry.Method:
+        """The chosen method's declaration (entclip/core/registry.py)."""
+        return registry.METHODS[self.entropy_control]
+
+    @property
     def normalizer(self) -> str:
-        """What a filter's dropped tokens leave: "kept" (everything) or "all" (the policy term only)."""
+        """What a filter's dropped tokens leave: "kept" (everything) or "all" (the policy term only);
+        auto = the method's declared (its reference's)."""
         if self.filter_normalizer != "auto":
             return self.filter_normalizer
-        return "all" if self.entropy_control in MICRO_FILTERS else "kept"
+        return self.method.normalizer
 
     @property
     def scope(self) -> str:
-        """When the filter selects: "rollout" (once per rollout batch) or "micro" (every micro-batch)."""
+        """When the filter selects: "rollout" (once per rollout batch) or "micro" (every micro-batch);
+        auto = the method's declared default (its reference's)."""
         if self.filter_scope != "auto":
             return self.filter_scope
-        return "micro" if self.entropy_control in MICRO_FILTERS else "rollout"
+        return self.method.scope
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -222,9 +222,9 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 TRACKERS = ("tensorboard", "trackio", "wandb")  # report_to's choices (entclip/trackers.py)
-# Token filters (keep-masks) and the two whose references select per micro-batch of every update.
-FILTERS = ("clip_b", "clip_v", "sign", "high_entropy", "clip_cov")
-MICRO_FILTERS = ("high_entropy", "clip_cov")
+# Token filters (keep-masks) and those that may select per micro-batch of every update (registry).
+FILTERS = registry.filters()
+MICRO_FILTERS = registry.micro_filters()
 
 
 def _need(ok: bool, message: str) -> None:
@@ -233,6 +233,8 @@ def _need(ok: bool, message: str) -> None:
 
 
 def _validate(c: Config) -> None:
+    _need(c.entropy_control in registry.METHODS,
+          f"entropy_control={c.entropy_control!r}: choose one of {', '.join(registry.METHODS)}")
     positive = ["steps", "log_every", "samples_per_step", "max_operand", "n_test", "tiny_hidden",
                 "tiny_layers", "tiny_heads", "tiny_ffn", "warmup_max_steps", "prompts_per_step",
                 "max_new_tokens", "epochs", "minibatches", "eval_n", "eval_k", "accounting_every",
@@ -282,8 +284,8 @@ def _validate(c: Config) -> None:
           "entropy_coef, entropy_coef_delta and entropy_coef_min must not be negative")
     _need(c.entropy_coef_min <= c.entropy_coef_max,
           f"entropy_coef_min={c.entropy_coef_min} is above entropy_coef_max={c.entropy_coef_max}; lower the min")
-    _need(c.filter_scope != "micro" or c.entropy_control in MICRO_FILTERS,
-          f"filter_scope=micro: only high_entropy and clip_cov select per micro-batch; {c.entropy_control} "
+    _need(c.filter_scope in ("auto", *c.method.scopes),
+          f"filter_scope=micro: only {' and '.join(MICRO_FILTERS)} select per micro-batch; {c.entropy_control} "
           "selects once per rollout batch as its reference does; drop filter_scope or set it to auto")
     _need(c.scope != "micro" or c.normalizer == "all",
           "filter_scope=micro with filter_normalizer=kept: the minibatch's normalizer would depend on "
@@ -313,16 +315,10 @@ def _validate(c: Config) -> None:
           f"report_to={c.report_to!r}: choose none or from {', '.join(TRACKERS)} (a tuple of names)")
 
 
-# Keys that only some methods read: key -> the entropy_control values that use it.
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "clip_b_mu": ("clip_b",), "clip_v_mu": ("clip_v",), "clip_v_max_frac": ("clip_v",),
-    "filter_rule": ("clip_b", "clip_v"), "filter_target_share": ("clip_b", "clip_v"),
-    "filter_target_dh": ("clip_b", "clip_v"), "filter_normalizer": FILTERS, "filter_scope": FILTERS,
-    "high_entropy_rho": ("high_entropy",), "cov_frac": ("clip_cov",), "cov_lb": ("clip_cov",),
-    "cov_ub": ("clip_cov",), "kl_cov_frac": ("kl_cov",), "kl_cov_beta": ("kl_cov",),
-    "steer_w_max": ("steer",), "steer_w_min": ("steer",), "sign_statistic": ("sign",),
-    "sign_deviation": ("sign",), "sign_samples": ("sign",),
-}
+# Keys that only some methods read: key -> the entropy_control values that use it (registry), in
+# the fields' order.
+METHOD_KEYS: dict[str, tuple[str, ...]] = dict(sorted(registry.method_keys().items(),
+                                                      key=lambda kv: list(FIELDS).index(kv[0])))
 
 
 def inert_settings(c: Config) -> list[str]:
@@ -339,30 +335,29 @@ def inert_settings(c: Config) -> list[str]:
         if changed(name) and method not in users:
             out.append(f"{name}={getattr(c, name)} has no effect with entropy_control={method} "
                        f"(it is read by {', '.join(users)})")
-    target = "filter_target_share" if c.filter_target_share is not None else (
-        "filter_target_dh" if c.filter_target_dh is not None else None)
-    if target and method in ("clip_b", "clip_v"):
-        mu = "clip_v_mu" if method == "clip_v" else "clip_b_mu"
+    adaptive = registry.ADAPTIVE_MU
+    target = next((k for k in adaptive.switch if getattr(c, k) is not None), None)
+    if target and method in adaptive.of:
+        mu, cap = c.method.key_for("mu"), c.method.key_for("max_frac")
         if changed(mu):
             out.append(f"{mu}={getattr(c, mu)} has no effect: {target} chooses mu each step")
-        if method == "clip_v" and c.clip_v_max_frac is not None:
-            out.append(f"clip_v_max_frac={c.clip_v_max_frac} is not applied: {target} sets the dropped share "
-                       "itself (set clip_v_max_frac: null to say so)")
-    elif any(changed(k) for k in ("adaptive_mu_min", "adaptive_mu_max")):
-        out.append("adaptive_mu_min / adaptive_mu_max have no effect without filter_target_share or "
-                   "filter_target_dh (and entropy_control clip_b or clip_v)")
+        if cap is not None and getattr(c, cap) is not None:
+            out.append(f"{cap}={getattr(c, cap)} is not applied: {target} sets the dropped share "
+                       f"itself (set {cap}: null to say so)")
+    elif any(changed(k.name) for k in adaptive.more_keys):
+        out.append(f"{' / '.join(k.name for k in adaptive.more_keys)} have no effect without "
+                   f"{' or '.join(adaptive.switch)} (and entropy_control {' or '.join(adaptive.of)})")
     if c.lora_r == 0:
         out += [f"{k}={getattr(c, k)} has no effect without lora_r > 0 (full fine-tuning)"
                 for k in ("lora_alpha", "lora_target_modules") if changed(k)]
-    if c.entropy_target is None:
-        out += [f"{k}={getattr(c, k)} has no effect without entropy_target (the adaptive bonus)"
-                for k in ("entropy_coef_delta", "entropy_coef_min", "entropy_coef_max") if changed(k)]
-    if method == "kl_cov":
-        out += [f"{k}={getattr(c, k)} has no effect with kl_cov: KL-Cov has no ratio clip"
-                for k in ("eps_low", "eps_high") if changed(k)]
-    if method == "steer" and c.dual_clip_c is None:
-        out.append("entropy_control=steer without dual_clip_c: STEER's reference applies dual clip (c=3) "
-                   "before weighting; set dual_clip_c: 3.0 (--preset steer does)")
+    for o in registry.OPTIONS:  # an any-method option's other keys, while its switch is off
+        if not o.of and o.switch and not o.is_on({k: getattr(c, k) for k in o.switch}):
+            out += [f"{k.name}={getattr(c, k.name)} has no effect without {' or '.join(o.switch)} ({o.label})"
+                    for k in o.keys if k.name not in o.switch and changed(k.name)]
+    out += [f"{k}={getattr(c, k)} has no effect with {method}: {c.method.ignores_why}"
+            for k in c.method.ignores if changed(k)]
+    out += [f"entropy_control={method} without {k}: {why}" for k, why in c.method.expects
+            if getattr(c, k) is None]
     if changed("loss_agg_constant") and c.loss_agg != "constant":
         out.append(f"loss_agg_constant={c.loss_agg_constant} has no effect with loss_agg={c.loss_agg}")
     for k in ("accounting_every", "accounting_unit"):

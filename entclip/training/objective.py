@@ -1,27 +1,45 @@
 """The one objective's configurable parts: which tokens train, how each is weighted, what is added.
 
-Each method follows a reference implementation (README, "Entropy control"):
+Each method follows a reference implementation (README, "Entropy control") and is declared once in
+entclip/core/registry.py: its function, the statistics it reads, its place and its keys. This module
+names no method: it calls the declared function at the declared place, with the declared statistics
+as positional arguments and each declared key as the keyword the declaration names (`_call`):
 - `batch_filter`, once before the first update, over the whole training batch (gathered across
-  processes): the keep-mask of Clip_B / Clip_V (fixed or adaptive mu) and the sign intervention
-  (Trinity-RFT selects in its advantage function), and of high-entropy tokens / Clip-Cov with
-  filter_scope=rollout.
-- `micro_filter`, in every micro-batch of every update from the current forward: high-entropy
-  tokens (TRL) and Clip-Cov (verl) with filter_scope=micro, their references' scope.
-- `token_terms`, every micro-batch: the clipped surrogate (eps_low / eps_high, optional dual clip)
-  or KL-Cov's loss, STEER weights, the keep-mask and the k3 KL to the reference.
+  processes): the keep-mask of a token filter at rollout scope (Clip_B / Clip_V with fixed or
+  adaptive mu and the sign intervention, as Trinity-RFT selects in its advantage function; 80/20
+  and Clip-Cov with filter_scope=rollout).
+- `micro_filter`, in every micro-batch of every update from the current forward: a filter at micro
+  scope (80/20 as TRL, Clip-Cov as verl: their references' scope).
+- `token_terms`, every micro-batch: the clipped surrogate (eps_low / eps_high) or a loss-term
+  method's loss (KL-Cov), the optional dual clip, a weight method's weights (STEER), the keep-mask
+  and the k3 KL to the reference.
 - `loss_masks`: which tokens the normalizer, the KL and the entropy bonus count (filter_normalizer).
-Metric names: `clip/filter_frac*` for any keep-mask, `clip/<method>_frac` for per-update selections.
+- `update_reads_entropy`: whether the update needs the current forward's entropy.
+Metric names: `clip/filter_frac*` for any keep-mask, `clip/<method>_frac` for per-update selections,
+`clip/<method>_w_min/max` for weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
-from entclip.core import losses, methods, theory
+from entclip.core import losses, methods, registry, theory
 from entclip.contracts.config import Config
 from entclip.training.parallel import gather_rows, own_rows
+
+
+def _kwargs(cfg: Config, part: registry.Method) -> dict[str, Any]:
+    """The declared keys of a method or option that set its function's keywords, from the config."""
+    return {k.arg: getattr(cfg, k.name) for k in part.all_keys() if k.arg is not None}
+
+
+def _call(part: registry.Method, source: Mapping[str, Callable[[], Any]], kwargs: dict[str, Any]) -> Any:
+    """part.fn on the statistics it declares (each taken from `source` only when needed) and `kwargs`."""
+    args = [source[s]() for s in part.inputs]
+    return part.fn(*args, **{p: source[s]() for p, s in part.extra.items()}, **kwargs)
 
 
 def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: torch.Tensor,
@@ -34,40 +52,48 @@ def batch_filter(cfg: Config, accelerator, stats, adv_tok: torch.Tensor, mask: t
     valid = gmask.bool()
     out = {"disc/min_z_b": float(z_b[valid].min()) if valid.any() else 0.0,
            "disc/min_z_v": float(z_v[valid].min()) if valid.any() else 0.0}
-    method = cfg.entropy_control
-    if method in ("clip_b", "clip_v"):
-        mu, max_frac = cfg.filter_mu, cfg.clip_v_max_frac if method == "clip_v" else None
-        if cfg.filter_target_share is not None or cfg.filter_target_dh is not None:
-            z = z_v if method == "clip_v" else z_b
-            kw = dict(include_zero_adv=method == "clip_v", mu_min=cfg.adaptive_mu_min, mu_max=cfg.adaptive_mu_max)
-            if cfg.filter_target_share is not None:
-                chosen = methods.adaptive_mu_for_share(z, adv, gmask, cfg.filter_target_share, **kw)
-            else:  # the kept tokens' lr-free Theorem 3.3 prediction, mean over valid tokens
-                n = max(int(valid.sum()), 1)
-                delta = theory.grpo_logit_delta(disc, base, adv, 1.0, 1.0, cfg.temperature) * valid / n
-                chosen = methods.adaptive_mu_for_entropy(z, delta, adv, gmask, cfg.filter_target_dh, **kw)
-            mu, max_frac = chosen.mu, None
-        out["clip/mu"] = mu
-        kw = dict(rule=cfg.filter_rule, mu_low=cfg.filter_mu_low, mu_high=cfg.filter_mu_high)
-        if method == "clip_b":
-            keep = losses.clip_b_mask(disc, adv, gmask, mu=mu, **kw)
-        else:
-            keep = losses.clip_v_mask(disc, base, adv, gmask, mu=mu, max_frac=max_frac, **kw)
-    elif method == "sign":
-        keep = losses.sign_mask(disc, base, adv, gmask, cfg.sign_deviation, cfg.sign_samples, cfg.sign_statistic)
-    elif cfg.scope == "micro":  # selected in every micro-batch of every update instead (micro_filter)
+    method = cfg.method
+    if method.place == registry.FILTER and cfg.scope == registry.ROLLOUT:
+        # The whole batch's statistics, gathered across processes; log p is the sampling policy's,
+        # which the policy being updated equals on the first update (no token is ratio-clipped yet).
+        source = {"disc": lambda: disc, "baseline": lambda: base, "adv": lambda: adv, "mask": lambda: gmask,
+                  "entropy": lambda: g(stats.entropy), "logp": lambda: g(stats.old_logp),
+                  "old_logp": lambda: g(stats.old_logp), "generator": lambda: generator,
+                  "ratio_clipped": lambda: torch.zeros_like(valid)}
+        kwargs = _kwargs(cfg, method)
+        if method.adaptive is not None:
+            if _is_on(cfg, registry.ADAPTIVE_MU):  # mu chosen for this batch; the target sets the share
+                kwargs["mu"] = _adaptive_mu(cfg, method.adaptive, source)
+                if "max_frac" in kwargs:  # so Clip_V's cap does not apply
+                    kwargs["max_frac"] = None
+            out["clip/mu"] = kwargs["mu"]
+        keep = _call(method, source, kwargs)
+    else:  # no filter, or one that selects in every micro-batch of every update (micro_filter)
         keep = valid
-    elif method == "high_entropy":
-        keep = methods.high_entropy_mask(g(stats.entropy), gmask, cfg.high_entropy_rho)
-    elif method == "clip_cov":
-        # On the first update log p = old log p: the covariance is the rollout batch's own.
-        keep = methods.clip_cov_mask(g(stats.old_logp), adv, gmask, generator, frac=cfg.cov_frac,
-                                       lb=cfg.cov_lb, ub=cfg.cov_ub)
-    else:
-        keep = valid
-    if cfg.scope == "rollout":  # micro-batch selections log their shares per update
+    if cfg.scope == registry.ROLLOUT:  # micro-batch selections log their shares per update
         out.update(filter_stats(keep, gmask, adv))
     return own_rows(accelerator, keep, mask), out
+
+
+def _is_on(cfg: Config, option: registry.Method) -> bool:
+    return option.is_on({k: getattr(cfg, k) for k in option.switch})
+
+
+def _adaptive_mu(cfg: Config, how: registry.Adaptive, source) -> float:
+    """The adaptive option's threshold for this batch (filter_target_share or filter_target_dh)."""
+    z = how.z(*(source[s]() for s in how.inputs))
+    disc, base, adv, gmask = source["disc"](), source["baseline"](), source["adv"](), source["mask"]()
+    kw = dict(include_zero_adv=how.include_zero_adv, **_kwargs(cfg, registry.ADAPTIVE_MU))
+    key = next(k for k in registry.ADAPTIVE_MU.switch if getattr(cfg, k) is not None)
+    choose = registry.ADAPTIVE_MU_FNS[key]
+    if key == "filter_target_share":
+        chosen = choose(z, adv, gmask, cfg.filter_target_share, **kw)
+    else:  # filter_target_dh: the kept tokens' lr-free Theorem 3.3 prediction, mean over valid tokens
+        valid = gmask.bool()
+        n = max(int(valid.sum()), 1)
+        delta = theory.grpo_logit_delta(disc, base, adv, 1.0, 1.0, cfg.temperature) * valid / n
+        chosen = choose(z, delta, adv, gmask, cfg.filter_target_dh, **kw)
+    return chosen.mu
 
 
 def filter_stats(keep: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
@@ -81,19 +107,25 @@ def micro_filter(cfg: Config, accelerator, logp: torch.Tensor, entropy: torch.Te
     """Keep-mask (b, T) of a micro-batch-scope filter, from the current forward (filter_scope=micro).
 
     high_entropy as TRL: the (1 - rho) entropy quantile over this micro-batch of every process
-    (gathered). clip_cov as verl: covariance over this process's micro-batch with the current log p,
-    ratio-clipped tokens excluded, the draw on `generator`.
+    (gathered, `gather_micro`). clip_cov as verl: covariance over this process's micro-batch with the
+    current log p, ratio-clipped tokens excluded, the draw on `generator`.
     """
-    if cfg.entropy_control == "high_entropy":
-        g = lambda t: gather_rows(accelerator, t)  # noqa: E731
-        return own_rows(accelerator, methods.high_entropy_mask(g(entropy.detach()), g(mask), cfg.high_entropy_rho),
-                        mask)
-    # The ratio-clipped tokens exactly as verl marks them: where the clipped branch's loss exceeds the
-    # unclipped one (comparing the ratio with the bound instead can differ one float step from it).
-    ratio = torch.exp(logp.detach() - old_logp)  # (b, T)
-    clipped = -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) > -adv * ratio
-    return methods.clip_cov_mask(logp.detach(), adv, mask, generator, frac=cfg.cov_frac, lb=cfg.cov_lb,
-                                   ub=cfg.cov_ub, exclude=clipped)
+    method = cfg.method
+
+    def ratio_clipped() -> torch.Tensor:
+        # The ratio-clipped tokens exactly as verl marks them: where the clipped branch's loss exceeds the
+        # unclipped one (comparing the ratio with the bound instead can differ one float step from it).
+        ratio = torch.exp(logp.detach() - old_logp)  # (b, T)
+        return -adv * ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) > -adv * ratio
+
+    source = {"entropy": lambda: entropy.detach(), "logp": lambda: logp.detach(), "old_logp": lambda: old_logp,
+              "adv": lambda: adv, "mask": lambda: mask, "generator": lambda: generator,
+              "ratio_clipped": ratio_clipped}
+    if not method.gather_micro:
+        return _call(method, source, _kwargs(cfg, method))
+    g = lambda t: gather_rows(accelerator, t)  # noqa: E731
+    gathered = {s: (f if s == "generator" else (lambda f=f: g(f()))) for s, f in source.items()}
+    return own_rows(accelerator, _call(method, gathered, _kwargs(cfg, method)), mask)
 
 
 def loss_masks(cfg: Config, mask: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,12 +134,12 @@ def loss_masks(cfg: Config, mask: torch.Tensor, keep: torch.Tensor) -> tuple[tor
     normalizer: the tokens the aggregate divides by and the KL covers: valid & keep when dropped tokens
     leave everything (filter_normalizer kept, Trinity-RFT), every valid token otherwise (TRL, verl).
     bonus: the tokens the entropy bonus averages over: valid & keep (as TRL's effective mask and
-    Trinity's response mask), except Clip-Cov, whose references detach a drawn token from the
-    policy term only.
+    Trinity's response mask), except for a filter that detaches its tokens from the policy term
+    only (`detach_only`: Clip-Cov, as its references).
     """
     m = mask.float()
     kept = m * keep.float()
-    return (kept if cfg.normalizer == "kept" else m), (m if cfg.entropy_control == "clip_cov" else kept)
+    return (kept if cfg.normalizer == "kept" else m), (m if cfg.method.detach_only else kept)
 
 
 @dataclass
@@ -128,7 +160,9 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
                 mask: torch.Tensor, keep: torch.Tensor | None = None) -> TokenTerms:
     """Per-token loss of one micro-batch, tensors (b, T): `mask` the valid tokens (the scope of
     KL-Cov's top-k and STEER's range), `keep` the filter's keep-mask (None: every token), entropy
-    (detached) only for STEER. Fractions in `stats` are over the valid tokens."""
+    (detached) when the method reads it (`update_reads_entropy`: STEER). A loss-term method (KL-Cov)
+    replaces the clipped surrogate, then the dual clip caps it, then a weight method (STEER) scales it.
+    Fractions in `stats` are over the valid tokens."""
     valid = mask.bool()
     n = max(int(valid.sum()), 1)
     frac = lambda sel: float((sel & valid).sum()) / n  # noqa: E731
@@ -136,21 +170,24 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
     surr = losses.clipped_surrogate(logp, old_logp, adv, cfg.eps_low, cfg.eps_high)
     stats["clip/ratio_low_frac"], stats["clip/ratio_high_frac"] = frac(surr.clipped_low), frac(surr.clipped_high)
     policy, zero_grad = surr.loss, surr.clipped_low | surr.clipped_high
-    if cfg.entropy_control == "kl_cov":
-        policy, selected = methods.kl_cov_loss(logp, old_logp, adv, mask, frac=cfg.kl_cov_frac,
-                                                 beta=cfg.kl_cov_beta)
-        zero_grad = torch.zeros_like(valid)  # KL-Cov has no ratio clip
-        stats["clip/kl_cov_frac"] = frac(selected)
-    if cfg.dual_clip_c is not None:
-        policy, active = methods.dual_clip(policy, adv, cfg.dual_clip_c)
+    method = cfg.method
+    # The gradient flows through what the declaration differentiates (KL-Cov's log p), nothing else.
+    source = {"logp": lambda: logp if "logp" in method.differentiates else logp.detach(),
+              "old_logp": lambda: old_logp, "entropy": lambda: entropy, "adv": lambda: adv, "mask": lambda: mask,
+              "policy_loss": lambda: policy}
+    if method.place == registry.LOSS:  # in place of the clipped surrogate: no ratio clip
+        policy, selected = _call(method, source, _kwargs(cfg, method))
+        zero_grad = torch.zeros_like(valid)
+        stats[f"clip/{method.name}_frac"] = frac(selected)
+    if _is_on(cfg, registry.DUAL_CLIP):
+        policy, active = _call(registry.DUAL_CLIP, source, _kwargs(cfg, registry.DUAL_CLIP))
         zero_grad = zero_grad | active
         stats["clip/dual_frac"] = frac(active)
     weights = None
-    if cfg.entropy_control == "steer":
-        weights = methods.steer_weights(logp.detach(), old_logp, entropy, adv, mask,
-                                          cfg.steer_w_max, cfg.steer_w_min)
-        stats["clip/steer_w_min"] = float(weights[valid].min()) if valid.any() else 1.0
-        stats["clip/steer_w_max"] = float(weights[valid].max()) if valid.any() else 1.0
+    if method.place == registry.WEIGHT:
+        weights = _call(method, source, _kwargs(cfg, method))
+        stats[f"clip/{method.name}_w_min"] = float(weights[valid].min()) if valid.any() else 1.0
+        stats[f"clip/{method.name}_w_max"] = float(weights[valid].max()) if valid.any() else 1.0
     loss = policy if weights is None else policy * weights
     if keep is not None:  # a dropped token's policy term is exactly zero, and so is its gradient
         loss = torch.where(keep.bool(), loss, torch.zeros_like(loss))
@@ -159,3 +196,13 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
         kl = losses.kl_k3(logp, ref_logp)
         loss = loss + cfg.kl_coef * kl
     return TokenTerms(loss, policy, surr.ratio, zero_grad, weights, kl, stats)
+
+
+def update_reads_entropy(cfg: Config) -> bool:
+    """Whether a part of the objective reads the current forward's entropy, detached, inside the
+    update: the method, if it acts there (a weight, a loss term, a micro-batch filter) and declares
+    `entropy` among its statistics without differentiating it (STEER, 80/20 at micro scope), or an
+    option that is on and does (the adaptive bonus measures every update's entropy). The static
+    bonus differentiates H: the engine computes it with its graph while a coefficient applies."""
+    parts = [cfg.method, *(o for o in registry.OPTIONS if o.switch and _is_on(cfg, o))]
+    return any("entropy" in p.reads_detached(cfg.scope) for p in parts)
