@@ -41,36 +41,6 @@ VARIANTS = {  # name -> --set overrides
 }
 
 
-class Timed:
-    """Wraps a callable and keeps the seconds of its last call (reset per step)."""
-
-    def __init__(self, fn):
-        self.fn, self.last = fn, 0.0
-
-    def __call__(self, *a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return self.fn(*a, **kw)
-        finally:
-            self.last += time.perf_counter() - t0
-
-
-def wrap_filter():
-    """Wrap the engine's batch-filter entry point (its home moves between refactors)."""
-    import importlib
-
-    for modname, attr in (("entclip.training.objective", "batch_filter"), ("entclip.training.engine", "token_filter")):
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
-            continue
-        if hasattr(mod, attr):
-            timed = Timed(getattr(mod, attr))
-            setattr(mod, attr, timed)  # the engine looks it up on the module at call time
-            return timed, f"{modname}.{attr}"
-    return Timed(lambda: None), None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150, help="timed steps per variant")
@@ -108,28 +78,20 @@ def main() -> None:
           f"{cfg.prompts_per_step}x{cfg.group_size} sequences/step, {cfg.minibatches} minibatch(es), "
           f"max_new_tokens {cfg.max_new_tokens}, hidden {cfg.tiny_hidden} x {cfg.tiny_layers} layers")
 
-    # Component timers: the step's first pass and the filter. Wrapped here, in this process only.
-    filt, filt_name = wrap_filter()
-    print(f"timing the filter as {filt_name or 'n/a (entry point not found)'}")
-    stats_timers = {}
-    for name, tr in trainers.items():
-        stats_timers[name] = Timed(tr.batch_stats)
-        tr.batch_stats = stats_timers[name]
-
+    # Component timers: the step logs its statistics pass and its filter (perf/stats_pass_s, perf/filter_s).
     names = list(trainers)
     rec = {n: {"step": [], "stats": [], "filter": [], "rollout": [], "drop": []} for n in names}
     for i in range(1, total + 1):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            filt.last = stats_timers[name].last = 0.0
             t = time.perf_counter()
             m = trainers[name].step(i)
             dt = time.perf_counter() - t
             if i > args.warmup:
                 r = rec[name]
                 r["step"].append(dt)
-                r["stats"].append(stats_timers[name].last)
-                r["filter"].append(filt.last)
+                r["stats"].append(m["perf/stats_pass_s"])
+                r["filter"].append(m["perf/filter_s"])
                 r["rollout"].append(m["perf/rollout_s"])
                 r["drop"].append(m.get("clip/filter_frac", 0.0))
 

@@ -4,7 +4,8 @@
     python scripts/golden.py record --code .           --out /tmp/golden-after
     python scripts/golden.py check /tmp/golden-before /tmp/golden-after
 
-`record` trains each case below with the code at `--code` (put first on PYTHONPATH) and keeps its
+`record` trains each case below with the code at `--code` (a checkout; the installed entclip is bypassed)
+and keeps its
 metrics.jsonl and eval.jsonl. `check` compares them byte for byte after removing the timings
 (`perf/*` keys, which differ from run to run), and prints one line per case. On one machine and one
 thread the same code gives the same bytes; a different CPU gives a different trajectory (STYLE 14).
@@ -51,14 +52,25 @@ CASES: dict[str, list[str]] = {
 }
 
 
+# An editable install's import hook would find the installed tree before PYTHONPATH, and `-c` puts the
+# working directory first: drop both, so that `--code` is the code that runs.
+LAUNCH = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+          "sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+          "sys.argv[0] = 'entclip'; from entclip.cli import main; main()")
+
+
 def record(code: Path, out: Path, cases: list[str], jobs: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(code.resolve())}
+    code = code.resolve()
+    presets = code / "entclip" / "presets"
+    if not presets.exists():  # a plain checkout: the presets folder maps to entclip.presets on install
+        presets.symlink_to(code / "presets", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(code)}
 
     def one(name: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "entclip", "train", "--out-dir", tmp, "--name", name, "-q", *CASES[name]]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            cmd = [sys.executable, "-c", LAUNCH, "train", "--out-dir", tmp, "--name", name, "-q", *CASES[name]]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
             if done.returncode:
                 return f"{name}: FAILED (exit {done.returncode}) {done.stderr.strip()[-300:]}"
             for f in ("metrics.jsonl", "eval.jsonl"):

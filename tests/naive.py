@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from entclip.training.engine import Trainer, derive_seed
+from entclip.training.batch import derive_seed, minibatch_plan
+from entclip.training.engine import Trainer, collect, score
 from entclip.training.rollout import completion_logits
 
 NEAR = 1e-6  # a float32-vs-float64 difference is ~1e-7 relative; closer than this is a coin flip
@@ -80,21 +81,16 @@ class Capture:
 def capture(cfg, wrap_sampler) -> Capture:
     """Steps 1..cfg.steps of a fresh Trainer; the last one's rollout and every optimizer update recorded."""
     trainer = Trainer(cfg, None, log=lambda s: None, wrap_sampler=wrap_sampler)
-    named = list(trainer.policy.named_parameters())
+    named = list(trainer.session.policy.named_parameters())
     theta_ref = {n: p.detach().clone() for n, p in named}
     step = cfg.steps
     for earlier in range(1, step):
         trainer.step(earlier)
     theta0 = {n: p.detach().clone() for n, p in named}
-    coef0, last_entropy0 = trainer.entropy_coef, trainer.last_entropy
-    seen: dict = {}
+    coef0, last_entropy0 = trainer.state.entropy_coef, trainer.state.last_entropy
     # The torch optimizer inside accelerate's wrapper: the scheduler patched the wrapper's step.
-    inner = trainer.opt.optimizer
-    real_rollout, real_step = trainer.rollout, inner.step
-
-    def rollout(i):
-        seen["rollout"] = out = real_rollout(i)
-        return out
+    inner = trainer.learner.opt.optimizer
+    real_step = inner.step
 
     updates: list[Update] = []
     order = [(e, i) for e in range(cfg.epochs) for i in range(cfg.minibatches)]
@@ -106,10 +102,11 @@ def capture(cfg, wrap_sampler) -> Capture:
                                for n, p in named}))
         return real_step(*args, **kwargs)
 
-    trainer.rollout, inner.step = rollout, opt_step
-    metrics = trainer.step(step)
-    roll, rewards, _ = seen["rollout"]
-    plan = trainer.minibatch_plan(step, roll.completion_ids.shape[0], roll.completion_ids.device)
+    inner.step = opt_step
+    batch = score(trainer.session, collect(trainer.session, step))  # the step's own batch, kept
+    metrics = trainer.step(step, batch)
+    roll, rewards = batch.rollout, batch.rewards
+    plan = minibatch_plan(cfg, step, roll.completion_ids.shape[0], roll.completion_ids.device)
     assert len(updates) == len(order), f"{len(updates)} optimizer updates, expected {len(order)} (one skipped?)"
     return Capture(cfg, trainer, step, theta_ref, theta0, coef0, last_entropy0, roll, rewards, plan, updates, metrics)
 
@@ -210,7 +207,7 @@ class Reference:
         cfg, roll = cap.cfg, cap.roll
         self.temperature = 1.0 if "temperature" in off else cfg.temperature
         self.loss_agg = "token-mean" if "agg" in off else cfg.loss_agg
-        self.model = copy.deepcopy(cap.trainer.policy).double()
+        self.model = copy.deepcopy(cap.trainer.session.policy).double()
         self.margins = Margins()
         self.B, self.T = roll.completion_ids.shape
         self.valid = [(b, t) for b in range(self.B) for t in range(self.T) if roll.completion_mask[b, t]]
@@ -475,7 +472,7 @@ class Reference:
 
 def engine_grad(cap: Capture, u: int) -> torch.Tensor:
     g = cap.updates[u].grads
-    return torch.cat([g[n].reshape(-1).double() for n, _ in cap.trainer.policy.named_parameters()])
+    return torch.cat([g[n].reshape(-1).double() for n, _ in cap.trainer.session.policy.named_parameters()])
 
 
 def rel_err(g_e: torch.Tensor, g_r: torch.Tensor) -> float:

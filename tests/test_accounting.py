@@ -53,10 +53,8 @@ def test_quadrants_count_valid_tokens_by_sign_of_advantage_and_deviation():
     contrib = torch.tensor([[1.0, 2.0, 4.0, 8.0], [16.0, 32.0, 64.0, 128.0]])
     out = quadrants(dev, adv, mask, contrib)
     # (0, 2) and (1, 2) fall in no quadrant (deviation 0, A = 0); padding (1, 3) in none either.
-    assert out == {"quad/pos_devpos_share": 2 / 7, "quad/pos_devpos_pred": 9.0,
-                   "quad/pos_devneg_share": 1 / 7, "quad/pos_devneg_pred": 2.0,
-                   "quad/neg_devpos_share": 1 / 7, "quad/neg_devpos_pred": 32.0,
-                   "quad/neg_devneg_share": 1 / 7, "quad/neg_devneg_pred": 16.0}
+    assert out == {"pos_devpos": (2 / 7, 9.0), "pos_devneg": (1 / 7, 2.0),
+                   "neg_devpos": (1 / 7, 32.0), "neg_devneg": (1 / 7, 16.0)}
 
 
 def test_sign_mask_keeps_the_requested_quadrant_and_never_padding():
@@ -137,7 +135,8 @@ def _hand_account(per_update=True):
 def _finish(acct):
     zeros = torch.zeros(1, 2)
     stats = type("S", (), {"disc": zeros, "baseline": zeros})()
-    return acct.finish(acct.last_logits, acct.h_u, [], stats, zeros, torch.ones(1, 2), 1.0)
+    return {k: m.value for k, m in acct.finish(acct.last_logits, acct.h_u, [], stats, zeros, torch.ones(1, 2),
+                                               1.0).items()}
 
 
 def test_each_update_is_accounted_at_its_own_start_and_by_the_trapezoid():

@@ -118,10 +118,8 @@ def test_logged_min_z_are_the_batch_minima_of_clip_b_and_clip_v_z(tmp_path):
     Mixed groups put the wrong rows' deviations below 0, so mean x / std x is far from 0 and a
     centred z_v would not match."""
     cfg = resolve(sets=tiny_sets())
-    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None,
-                      wrap_sampler=mixed_groups)
-    roll, _, _ = trainer.rollout(1)
-    stats, _ = trainer.batch_stats(roll, trainer.minibatch_plan(1, roll.completion_ids.shape[0], "cpu")[0])
+    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, wrap_sampler=mixed_groups)
+    roll, stats = _stats_of_step(trainer, 1)[:2]
     valid = roll.completion_mask.bool()
     s = stats.disc[valid].double()
     x = (stats.disc - stats.baseline)[valid].double()
@@ -154,12 +152,10 @@ def test_filter_statistics_are_taken_over_the_whole_batch(tmp_path):
     from entclip.core import losses
 
     cfg = resolve(sets=tiny_sets(entropy_control="clip_b", clip_b_mu=0.3))
-    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, lambda s, m: None,
-                      wrap_sampler=mixed_groups)
-    roll, rewards, _ = trainer.rollout(1)
-    stats, _ = trainer.batch_stats(roll, trainer.minibatch_plan(1, roll.completion_ids.shape[0], "cpu")[0])
+    trainer = Trainer(cfg, RunDir.create(tmp_path / "t"), lambda s: None, wrap_sampler=mixed_groups)
+    roll, stats, rewards = _stats_of_step(trainer, 1)
     adv = losses.group_advantages(rewards, cfg.group_size)[:, None].expand_as(roll.completion_mask)
-    keep, out = batch_filter(cfg, trainer.accelerator, stats, adv, roll.completion_mask, torch.Generator())
+    keep, out = batch_filter(cfg, trainer.session.accelerator, stats, adv, roll.completion_mask, torch.Generator())
     expected = losses.clip_b_mask(stats.disc, adv, roll.completion_mask, mu=0.3)
     assert torch.equal(keep, expected)
     assert not (keep & ~roll.completion_mask.bool()).any()
@@ -217,9 +213,9 @@ def test_memory_savers_do_not_change_the_run(plain_run, tmp_path, overrides):
 
 def test_accounting_without_room_for_the_old_logits_reports_the_rest(tmp_path, monkeypatch):
     """Above ACCOUNT_LOGITS_MAX (large batches x vocabularies) pred_dz is left out, nothing else."""
-    import entclip.training.engine as engine
+    import entclip.training.passes as passes
 
-    monkeypatch.setattr(engine, "ACCOUNT_LOGITS_MAX", 0)
+    monkeypatch.setattr(passes, "ACCOUNT_LOGITS_MAX", 0)
     _, run, _ = _run(tmp_path, "nologits")
     for row in run.metrics:
         assert "entropy/pred_dz" not in row
@@ -252,3 +248,15 @@ def test_a_failing_reward_is_counted_every_step_and_shown_once(tmp_path, monkeyp
     assert len(shown) == 1 and "broken_reward:f: ZeroDivisionError" in shown[0]
     rows = load_run(run.path).metrics
     assert all(r["reward/errors"] == cfg.batch_size for r in rows)  # every completion, every step
+
+
+def _stats_of_step(trainer, step: int):
+    """The step's own batch (collect, score) and its statistics pass, as train_step takes them."""
+    from entclip.training.batch import minibatch_plan
+    from entclip.training.engine import collect, score
+    from entclip.training.passes import statistics
+
+    batch = score(trainer.session, collect(trainer.session, step))
+    plan = minibatch_plan(trainer.cfg, step, batch.rollout.completion_ids.shape[0], "cpu")
+    stats = statistics(trainer.session, trainer.learner, batch, [m for mb in plan[0] for m in mb])[0]
+    return batch.rollout, stats, batch.rewards

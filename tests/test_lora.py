@@ -37,24 +37,25 @@ def _train(path, wrap=mixed_groups, **sets):
 
 def test_lora_trains_only_the_adapters_and_the_reference_is_the_disabled_adapter(tmp_path, monkeypatch):
     import entclip.training.engine as engine
+    import entclip.training.passes as passes
 
     accounts = []
 
-    class Spy(engine.StepAccount):
+    class Spy(passes.StepAccount):
         def __post_init__(self):
             accounts.append(self)
             super().__post_init__()
 
-    monkeypatch.setattr(engine, "StepAccount", Spy)
+    monkeypatch.setattr(passes, "StepAccount", Spy)
     # one update per step: step 1's only update sees the policy before any change, = its reference
     cfg = resolve(sets=tiny_sets(**LORA, kl_coef=0.1, minibatches=1, entropy_accounting=True, accounting_every=1))
     trainer = engine.Trainer(cfg, None, lambda s: None, wrap_sampler=mixed_groups)
-    named = dict(trainer.policy.named_parameters())
+    named = dict(trainer.session.policy.named_parameters())
     adapters = {n for n, p in named.items() if p.requires_grad}
     assert adapters and all("lora_" in n for n in adapters)
-    in_opt = {id(p) for group in trainer.opt.param_groups for p in group["params"]}
+    in_opt = {id(p) for group in trainer.learner.opt.param_groups for p in group["params"]}
     assert in_opt == {id(named[n]) for n in adapters}
-    assert trainer.ref is None  # no second copy of the model
+    assert trainer.learner.ref is None  # no second copy of the model
     before = {n: p.detach().clone() for n, p in named.items()}
     first, second = trainer.step(1), trainer.step(2)
     assert first["kl/ref"] == 0.0 and second["kl/ref"] > 0
@@ -67,7 +68,7 @@ def test_lora_trains_only_the_adapters_and_the_reference_is_the_disabled_adapter
     shapes = [tuple(named[n].shape) for n in named if n in adapters]
     assert [[tuple(p.shape) for p in a.params] for a in accounts] == [shapes, shapes]
     assert all(len(a.grad_h) == len(adapters) for a in accounts)
-    trainer.rewards.close()
+    trainer.session.rewards.close()
 
 
 def test_gradient_checkpointing_with_lora_still_moves_the_adapters(tmp_path):
@@ -75,10 +76,10 @@ def test_gradient_checkpointing_with_lora_still_moves_the_adapters(tmp_path):
 
     cfg = resolve(sets=tiny_sets(**LORA, gradient_checkpointing=True, steps=1, entropy_accounting=False))
     trainer = Trainer(cfg, None, lambda s: None, wrap_sampler=mixed_groups)
-    b = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if "lora_B" in n}
+    b = {n: p.detach().clone() for n, p in trainer.session.policy.named_parameters() if "lora_B" in n}
     trainer.step(1)
-    assert any(not torch.equal(p, b[n]) for n, p in trainer.policy.named_parameters() if n in b)
-    trainer.rewards.close()
+    assert any(not torch.equal(p, b[n]) for n, p in trainer.session.policy.named_parameters() if n in b)
+    trainer.session.rewards.close()
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +225,9 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
         return str(int(a) + int(b))
 
     trainer = Trainer(cfg, None, lambda s: None, wrap_sampler=mixed_groups_for(answer_of))
-    named = dict(trainer.policy.named_parameters())
+    named = dict(trainer.session.policy.named_parameters())
     adapters = {n for n, p in named.items() if p.requires_grad}
-    assert adapters and all("lora_" in n for n in adapters) and trainer.ref is None
+    assert adapters and all("lora_" in n for n in adapters) and trainer.learner.ref is None
     before = {n: p.detach().clone() for n, p in named.items()}
     row = trainer.step(1)
     assert row["kl/ref"] == 0.0 and row["reward/zero_var_frac"] == 0  # first update: policy = reference
@@ -235,12 +236,12 @@ def test_smollm2_lora_step_moves_only_the_adapters_and_exports_a_loadable_model(
     assert any(not torch.equal(named[n], before[n]) for n in adapters if "lora_B" in n)
     from entclip.data.models import export_merged
 
-    trainer.policy.save_pretrained(tmp_path / "adapter")  # a checkpoint's adapter and tokenizer
-    trainer.tokenizer.save_pretrained(tmp_path / "adapter")
-    trainer.rewards.close()
+    trainer.session.policy.save_pretrained(tmp_path / "adapter")  # a checkpoint's adapter and tokenizer
+    trainer.session.tokenizer.save_pretrained(tmp_path / "adapter")
+    trainer.session.rewards.close()
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
-        want = trainer.policy.eval()(ids).logits
+        want = trainer.session.policy.eval()(ids).logits
     export_merged(cfg, tmp_path / "adapter", tmp_path / "merged", lambda s: None)  # the Hugging Face base
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():

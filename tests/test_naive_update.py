@@ -190,9 +190,9 @@ def test_adaptive_coefficient_follows_the_reference(name, applied, coef):
     ref = naive.Reference(cap)
     ref.run()
     assert ref.applied == pytest.approx(applied) and ref.coef == pytest.approx(coef)
-    assert cap.trainer.entropy_coef == pytest.approx(ref.coef, abs=1e-12)
+    assert cap.trainer.state.entropy_coef == pytest.approx(ref.coef, abs=1e-12)
     assert math.isfinite(ref.last_entropy)
-    assert cap.trainer.last_entropy == pytest.approx(ref.last_entropy, rel=1e-5)
+    assert cap.trainer.state.last_entropy == pytest.approx(ref.last_entropy, rel=1e-5)
 
 
 def test_a_resumed_step_equals_the_uninterrupted_one(tmp_path, monkeypatch):
@@ -207,9 +207,10 @@ def test_a_resumed_step_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     starts = {}  # run name -> (entropy_coef, last_entropy) as each step began
 
     class Recording(loop.Trainer):
-        def step(self, i):
-            starts.setdefault(self.run_dir.path.name, []).append((i, self.entropy_coef, self.last_entropy))
-            return super().step(i)
+        def step(self, i, batch=None):
+            starts.setdefault(self.session.run_dir.path.name, []).append((i, self.state.entropy_coef,
+                                                                  self.state.last_entropy))
+            return super().step(i, batch)
 
     monkeypatch.setattr(loop, "Trainer", Recording)
     cfg = Config(**{**TINY, "steps": 2, "save_every": 1, "keep_checkpoints": 0, "eval_every": 0,

@@ -267,38 +267,39 @@ PROFILE_BASE = dict(device="cpu", precision="fp32", max_prompt_tokens=16, max_ne
 def profiled_step(folder, **settings) -> tuple[Config, dict[str, int]]:
     """Peak bytes of each phase of Trainer.step on CPU, above the level at the step's start (weights and
     AdamW moments, after one step), from the profiler's memory events. The rollout is a fixed batch."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import ProfilerActivity, profile
 
+    from entclip.core import losses
+    from entclip.training.batch import Batch
     from entclip.training.engine import Trainer
     from entclip.training.rollout import Rollout
 
     cfg = Config(**{**PROFILE_BASE, "model": str(folder), **settings})
     trainer = Trainer(cfg, None, lambda s: None)
-    B, P, T, V = cfg.batch_size, cfg.max_prompt_tokens, cfg.max_new_tokens, trainer.policy.config.vocab_size
+    B, P, T, V = cfg.batch_size, cfg.max_prompt_tokens, cfg.max_new_tokens, trainer.session.policy.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     roll = Rollout(torch.randint(0, V, (B, P), generator=gen), torch.ones(B, P, dtype=torch.long),
                    torch.randint(0, V, (B, T), generator=gen), torch.ones(B, T, dtype=torch.long), [""] * B, [""] * B)
-    trainer.rollout = lambda step: (roll, torch.arange(B, dtype=torch.float32) % 3, [False] * B)
-    trainer.row_ids = [(i, 0) for i in range(B)]
-    # the per-update accounting's pass (entropy_grad) runs inside update: the update phase includes it
-    phases = {"batch_stats": "stats pass", "update": "update", "entropy_after": "accounting",
-              "entropy_grad": "accounting"}
-    for method, phase in phases.items():
-        def marked(*args, _run=getattr(trainer, method), _phase=phase, **kwargs):
-            with record_function(_phase):
-                return _run(*args, **kwargs)
-        setattr(trainer, method, marked)
+    rewards = torch.arange(B, dtype=torch.float32) % 3
+
+    def fixed(step):  # the same scored batch every step
+        return Batch(step, roll, [(i, 0) for i in range(B)]).with_scores(
+            rewards, [False] * B, {}, losses.group_advantages(rewards, cfg.group_size, cfg.scale_std))
+
+    # The step marks its phases for the profiler (engine.py): the per-update accounting's pass runs
+    # inside the update, so the update phase includes it.
+    phases = ("stats pass", "update", "accounting")
     try:
-        trainer.step(1)
+        trainer.step(1, fixed(1))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            trainer.step(2)
+            trainer.step(2, fixed(2))
     finally:
-        trainer.rewards.close()
+        trainer.session.rewards.close()
     events = list(prof.profiler.kineto_results.events())
     allocations = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     peaks = {}
     for e in events:
-        if e.name() in phases.values():
+        if e.name() in phases:
             level, peak = 0, 0
             for t, nbytes in allocations:
                 level += nbytes

@@ -98,16 +98,16 @@ def test_keep_checkpoints_prunes_older_ones(tmp_path):
 
 def _poison(monkeypatch, bad_calls):
     """Make the update's log-probs NaN on the given call numbers of token_logp (1-based)."""
-    import entclip.training.engine as engine
+    from entclip.core import theory
 
-    real, calls = engine.theory.token_logp, {"n": 0}
+    real, calls = theory.token_logp, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if bad_calls(calls["n"]) else out
 
-    monkeypatch.setattr(engine.theory, "token_logp", poisoned)
+    monkeypatch.setattr(theory, "token_logp", poisoned)
 
 
 def test_a_non_finite_update_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -142,7 +142,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from entclip.training.loop import _rng_state, _set_rng_state
+    from entclip.training.checkpoints import _rng_state, _set_rng_state
 
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     torch.save(_rng_state(), tmp_path / "s.pt")

@@ -398,5 +398,5 @@ def test_step_account_pred_dz_is_the_unchunked_formula_within_one_chunk(tmp_path
     p = logp.exp()
     s = p * (-(p * logp).sum(-1, keepdim=True) + logp)
     want = (-(s * (new.double() - old.double())).sum(-1) / 0.8)[mask.bool()].sum() / mask.sum()
-    assert out["entropy/pred_dz"] == pytest.approx(float(want), rel=1e-5)
+    assert out["entropy/pred_dz"].value == pytest.approx(float(want), rel=1e-5)
     assert peak <= theory._CHUNK_ELEMENTS["cpu"] * 4 + 2**16  # (6, 9, V) float32: 1.7 budgets

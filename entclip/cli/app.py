@@ -117,7 +117,7 @@ def evaluate(
     """
     with user_errors():
         from entclip.contracts.config import resolve
-        from entclip.training.engine import Trainer
+        from entclip.training.evaluation import evaluate_model
         from entclip.training.predict import resolve_model
 
         path = resolve_model(model)
@@ -129,15 +129,11 @@ def evaluate(
         if n is not None and cfg.eval_sets:  # --n bounds every eval set
             cfg = resolve(config_file=config, sets=[*sets, "eval_sets=" + json.dumps(
                 [{**e, "n": n} for e in cfg.eval_sets])])
-        trainer = Trainer(cfg, None, lambda s: None, model_path=str(path))
-        try:
-            row = trainer.evaluate(step)
-        finally:
-            trainer.rewards.close()
+        row, eval_sets = evaluate_model(cfg, str(path), step)
         head = {"model": str(path), "k": cfg.eval_k, "temperature": cfg.eval_temperature}
         per_set = {name: {"problems": len(problems),
                           **{key.split("/", 1)[1]: v for key, v in row.items() if key.startswith(name + "/")}}
-                   for name, problems in trainer.eval_sets.items()}
+                   for name, problems in eval_sets.items()}
         res = {**head, **next(iter(per_set.values()))} if len(per_set) == 1 else {**head, "sets": per_set}
         if as_json:
             typer.echo(json.dumps(res, indent=2))

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import typing
-
-from entclip.contracts.config import FIELDS, Config
+from entclip.contracts.config import FIELDS
+from entclip.core.registry import METHODS
 
 
 def method_choices() -> tuple[str, ...]:
-    """The entropy-control methods, in the order the Config field's Literal lists them."""
-    return typing.get_args(typing.get_type_hints(Config)["entropy_control"])
+    """The entropy-control methods, as the method registry declares them (the Config field's choices)."""
+    return tuple(METHODS)
 
 
 def config_help(key: str) -> str:
-    """The help of config key `key`, as `entclip train --help-config` shows it."""
-    text = FIELDS[key].metadata["help"]
-    if key == "entropy_control":
-        text += "; one of " + " | ".join(method_choices())
-    return text
+    """The help of config key `key`, as `entclip train --help-config` shows it (entropy_control's names
+    every method with a few words, from the registry)."""
+    return FIELDS[key].metadata["help"]

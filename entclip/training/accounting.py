@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from entclip.core import losses, theory
+from entclip.training.metrics import Mean, Metric, Sum
 
 QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1), "neg_devneg": (-1, -1)}
 
@@ -40,8 +41,8 @@ QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1),
 ACCOUNT_LOGITS_MAX = 2**28
 
 def quadrants(deviation: torch.Tensor, adv_tok: torch.Tensor, mask: torch.Tensor,
-              contrib: torch.Tensor) -> dict[str, float]:
-    """(A > 0 / A < 0) x (deviation > 0 / < 0): share of valid tokens and summed contribution each.
+              contrib: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(A > 0 / A < 0) x (deviation > 0 / < 0): name -> (share of valid tokens, summed contribution).
 
     All (B, T); `contrib` is each token's predicted entropy change (Theorem 3.3).
     """
@@ -51,8 +52,7 @@ def quadrants(deviation: torch.Tensor, adv_tok: torch.Tensor, mask: torch.Tensor
     out = {}
     for name, (a, d) in QUADRANTS.items():
         q = valid & (adv_sign == a) & (dev_sign == d)
-        out[f"quad/{name}_share"] = float(q.sum()) / n_valid
-        out[f"quad/{name}_pred"] = float(contrib[q].sum())
+        out[name] = (float(q.sum()) / n_valid, float(contrib[q].sum()))
     return out
 
 
@@ -152,28 +152,34 @@ class StepAccount:
         self.updates += 1
 
     def finish(self, new_logits: torch.Tensor, new_entropy_mean: float, params_now: list[torch.Tensor],
-               stats_old, adv_tok: torch.Tensor, mask: torch.Tensor, temperature: float) -> dict[str, float]:
-        """The step's figures; with per_update, new_logits / new_entropy_mean are those of the last record
-        (None / h_old when no update was taken) and params_now is not read."""
+               stats_old, adv_tok: torch.Tensor, mask: torch.Tensor, temperature: float) -> dict[str, Metric]:
+        """The step's figures, each with its reduction over processes: this process's share of a sum over
+        tokens (Sum), a share of its valid tokens (Mean weighted by them), or a figure every process
+        computes alike (Mean of equal values). With per_update, new_logits / new_entropy_mean are those of
+        the last record (None / h_old when no update was taken) and params_now is not read."""
         valid = mask.bool()
         if self.per_update:
             pred_param = self.sums["pred_param"]
         else:
             pred_param = sum(float((g * (p - p0)).sum()) for g, p, p0 in zip(self.grad_h, params_now, self.params))
-        out = {"entropy/pred_logit": float(self.contrib.sum()),
-               "entropy/pred_logit_drive": float(self.drive.sum()),
-               "entropy/pred_param": pred_param}
+        out: dict[str, Metric] = {"entropy/pred_logit": Sum(float(self.contrib.sum())),
+                                  "entropy/pred_logit_drive": Sum(float(self.drive.sum())),
+                                  "entropy/pred_param": Mean(pred_param)}
         if self.per_update:
-            out.update({"entropy/pred_param_upd": self.sums["pred_param_upd"],
-                        "entropy/pred_param2": self.sums["pred_param2"],
-                        "entropy/order_gap": self.sums["pred_param2"] - self.sums["pred_param_upd"],
-                        "entropy/pred_logit_eff": self.sums["pred_logit_eff"],
-                        "entropy/updates_accounted": float(self.updates)})
+            out.update({"entropy/pred_param_upd": Mean(self.sums["pred_param_upd"]),
+                        "entropy/pred_param2": Mean(self.sums["pred_param2"]),
+                        "entropy/order_gap": Mean(self.sums["pred_param2"] - self.sums["pred_param_upd"]),
+                        # eta_u is global, the drive this process's tokens': a share of the sum
+                        "entropy/pred_logit_eff": Sum(self.sums["pred_logit_eff"]),
+                        "entropy/updates_accounted": Mean(float(self.updates))})
         if self.logits is not None and new_logits is not None:  # not kept for large batches (engine)
             # Chunked over positions: no (B, T, V) difference nor float32 copy of either logits.
             dz_pred = theory.entropy_delta_between(self.logits, new_logits, temperature)  # (B, T)
-            out["entropy/pred_dz"] = float(dz_pred[valid].sum()) / self.n_valid
-        out.update({"entropy/measured": new_entropy_mean - self.h_old,
-                    "entropy/mean_after": new_entropy_mean})
-        out.update(quadrants(stats_old.disc - stats_old.baseline, adv_tok, mask, self.contrib))
+            out["entropy/pred_dz"] = Sum(float(dz_pred[valid].sum()) / self.n_valid)
+        out.update({"entropy/measured": Mean(new_entropy_mean - self.h_old),
+                    "entropy/mean_after": Mean(new_entropy_mean)})
+        n_local = int(mask.sum())
+        for name, (share, pred) in quadrants(stats_old.disc - stats_old.baseline, adv_tok, mask, self.contrib).items():
+            out[f"quad/{name}_share"] = Mean(share, n_local)
+            out[f"quad/{name}_pred"] = Sum(pred)
         return out

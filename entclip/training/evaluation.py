@@ -1,4 +1,8 @@
-"""Held-out evaluation: greedy accuracy, avg@k and unbiased pass@k."""
+"""Held-out evaluation: greedy accuracy, avg@k and unbiased pass@k, on every eval set of a session.
+
+`evaluate(session, step)` needs only what samples and scores (session.Session), not an optimizer:
+`entclip evaluate` opens a session for a checkpoint and calls it, as the run did at that step.
+"""
 
 from __future__ import annotations
 
@@ -63,3 +67,42 @@ def summarize(greedy_ok: Sequence[int], counts: Sequence[int], k: int) -> dict[s
     out.update({f"solved_none@{k}": none / n, f"solved_some@{k}": (len(counts) - none - every) / n,
                 f"solved_all@{k}": every / n})
     return out
+
+
+def evaluate(session, step: int) -> dict[str, float]:
+    """Every eval set: greedy accuracy, avg@k, pass@k; problems split over the processes. Keys are
+    `<set>/<figure>` (the built-in task's set is `test`); the main process appends the row to eval.jsonl.
+    Sample j of problem i is seeded by (seed, "eval", step, set, i, j): a step's evaluation can be redrawn."""
+    from accelerate.utils import gather_object
+
+    from entclip.training.batch import derive_seed
+
+    cfg, accelerator = session.cfg, session.accelerator
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    session.policy.eval()
+    row: dict[str, float] = {"step": step}
+    for name, problems in session.tasks.eval_sets.items():
+        mine = list(range(rank, len(problems), n_proc))
+        greedy, counts = eval_counts(
+            session.sampler, [problems[i] for i in mine], session.rewards.verify, cfg.eval_k, cfg.eval_temperature,
+            cfg.max_new_tokens, lambda i, j: derive_seed(cfg.seed, "eval", step, name, mine[i], j))
+        results = list(zip(mine, greedy, counts))
+        if n_proc > 1:
+            results = sorted(gather_object(results))
+        res = summarize([g for _, g, _ in results], [c for _, _, c in results], cfg.eval_k)
+        row.update({f"{name}/{k}": v for k, v in res.items()})
+    if accelerator.is_main_process and session.run_dir is not None:
+        session.run_dir.append("eval.jsonl", row)
+    return row
+
+
+def evaluate_model(cfg, model_path: str | None, step: int = 0) -> tuple[dict[str, float], dict[str, list]]:
+    """`entclip evaluate`: a session on `model_path` (no optimizer, no reference), its evaluation drawn as
+    the run's own at `step`; (the eval.jsonl-style row, the eval sets)."""
+    from entclip.training.session import open_session
+
+    session = open_session(cfg, None, lambda s: None, model_path=model_path, for_training=False)
+    try:
+        return evaluate(session, step), session.tasks.eval_sets
+    finally:
+        session.rewards.close()

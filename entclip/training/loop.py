@@ -1,27 +1,27 @@
 """The run around the steps: `train` builds a Trainer, takes its steps, evaluates and checkpoints on
 the configured cadence, and ends with summary.json (status completed, interrupted or failed).
 
-`save` writes a checkpoint: weights, tokenizer and what `restore` needs for an exact resume
-(optimizer, scheduler, every RNG, counters). Only the main process writes; all processes wait for it.
+Checkpoints are checkpoints.save / restore.
 """
 
 from __future__ import annotations
 
-import math
-
-import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from entclip.contracts.config import Config
-from entclip.training.engine import Log, NonFiniteStop, OnStep, Trainer, WrapSampler
 from entclip.contracts.errors import FAILED, INTERRUPTED, EntclipError
+from entclip.contracts.rundir import RunDir
+from entclip.training.checkpoints import restore, save
+from entclip.training.engine import NonFiniteStop, Trainer
 from entclip.training.parallel import global_max
-from entclip.contracts.rundir import RunDir, load_trainer_state, save_checkpoint
+from entclip.training.session import Log, WrapSampler
 from entclip.training.trackers import Trackers
+
+OnStep = Callable[[int, dict[str, float]], None]  # called after each step with its metrics (progress bars)
 
 
 def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s, m: None,
@@ -37,7 +37,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
     Every metrics.jsonl and eval.jsonl row also goes to the trackers of `cfg.report_to` (trackers.py),
     from the main process; a resumed run continues their runs.
     """
-    trainer = Trainer(cfg, run, log, on_step, model_path=str(resume_from) if resume_from else None,
+    trainer = Trainer(cfg, run, log, model_path=str(resume_from) if resume_from else None,
                       resume=resume_from is not None, wrap_sampler=wrap_sampler)
     t_start, wall_before, start = time.perf_counter(), 0.0, 1
     if resume_from is not None:
@@ -45,7 +45,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
         start, wall_before = state["step"] + 1, state["wall_s"]
         log(f"resuming {run.path} after step {state['step']}")
     trackers = Trackers({}, log)
-    if trainer.accelerator.is_main_process:
+    if trainer.session.accelerator.is_main_process:
         trackers = Trackers.open(cfg, run.path, log, start_step=start if resume_from is not None else None)
     try:
         return _steps(cfg, run, trainer, trackers, log, on_step, start,
@@ -63,9 +63,9 @@ def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: 
         trackers.log(trainer.evaluate(0))
 
     def request_stop(signum, frame):
-        if trainer.stop_requested:  # a second Ctrl-C: stop now
+        if trainer.state.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        trainer.stop_requested = True
+        trainer.state.stop_requested = True
         log("Ctrl-C: stopping after this step (press again to abort at once)")
 
     previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
@@ -79,9 +79,9 @@ def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: 
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                 save(trainer, step, elapsed())
             on_step(step, metrics)
-            if trainer.accelerator.num_processes > 1:  # every process stops after the same step
-                trainer.stop_requested = global_max(trainer.accelerator, trainer.stop_requested) > 0
-            if trainer.stop_requested and step != cfg.steps:
+            if trainer.session.accelerator.num_processes > 1:  # every process stops after the same step
+                trainer.state.stop_requested = global_max(trainer.session.accelerator, trainer.state.stop_requested) > 0
+            if trainer.state.stop_requested and step != cfg.steps:
                 ckpt = save(trainer, step, elapsed())
                 _finish(trainer, run, "interrupted", step, elapsed(), ckpt)
                 raise EntclipError(f"interrupted after step {step}; checkpoint {ckpt} written; continue with: "
@@ -93,7 +93,7 @@ def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: 
                            f"(loss or gradient); last good parameters in {ckpt or 'the warm start'}; "
                            "lower lr or raise max_grad_norm clipping", FAILED) from None
     except BaseException:
-        trainer.rewards.close()
+        trainer.session.rewards.close()
         raise
     finally:
         if previous is not None:
@@ -101,7 +101,7 @@ def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: 
     try:
         trackers.log(trainer.evaluate(cfg.steps))
     finally:
-        trainer.rewards.close()  # the reward worker's last use
+        trainer.session.rewards.close()  # the reward worker's last use
     ckpt = save(trainer, cfg.steps, elapsed())
     return _finish(trainer, run, "completed", cfg.steps, elapsed(), ckpt)
 
@@ -130,7 +130,7 @@ def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float
     last = rows[-1] if rows else {}
     summary = {
         "status": status, "steps": step, "steps_planned": trainer.cfg.steps, "wall_s": wall_s,
-        "method": trainer.cfg.entropy_control, "warm_start": trainer.warm_start,
+        "method": trainer.cfg.entropy_control, "warm_start": trainer.session.warm_start,
         "final": {k: last.get(k) for k in keys},
         "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
         "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
@@ -138,60 +138,6 @@ def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float
         "versions": {"entclip": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
-    if trainer.accelerator.is_main_process:
+    if trainer.session.accelerator.is_main_process:
         run.write_summary(summary)
     return summary
-
-
-# ---- checkpoints ---------------------------------------------------------------------------
-
-def save(trainer: Trainer, step: int, wall_s: float) -> Path:
-    """A complete checkpoint: weights, tokenizer and everything an exact resume needs."""
-    final = trainer.run_dir.checkpoint_dir(step)
-    if trainer.accelerator.is_main_process:
-        state = {"format": 1, "step": step, "wall_s": wall_s, "optimizer": trainer.opt.state_dict(),
-                 "scheduler": trainer.sched.state_dict(), "rng": _rng_state(),
-                 "nonfinite_total": trainer.nonfinite_total, "warm_start": trainer.warm_start,
-                 "entropy_coef": trainer.entropy_coef, "last_entropy": trainer.last_entropy}
-        save_checkpoint(final, trainer.policy, trainer.tokenizer, state, trainer.cfg.keep_checkpoints)
-    trainer.accelerator.wait_for_everyone()
-    return final
-
-
-def restore(trainer: Trainer, ckpt: Path) -> dict[str, Any]:
-    """Optimizer, scheduler, RNG and counters from a checkpoint (weights were loaded already).
-
-    The data position needs no state: each step's prompts and samples derive from (seed, step).
-    """
-    state = load_trainer_state(ckpt)
-    trainer.opt.load_state_dict(state["optimizer"])
-    trainer.sched.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    trainer.nonfinite_total = state["nonfinite_total"]
-    trainer.entropy_coef = state["entropy_coef"]
-    trainer.last_entropy = state.get("last_entropy", math.inf)  # absent in checkpoints before 0.x
-    trainer.warm_start = state["warm_start"]
-    return state
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG a user's code might draw from; stored in weights_only-loadable types."""
-    import numpy as np
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

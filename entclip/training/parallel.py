@@ -6,8 +6,7 @@ communicating. Reductions are chosen per key so that N processes report what one
 the whole batch:
 - `global_sum`, `global_max`: one number.
 - `gather_rows`: a (B, T) tensor per process -> the whole batch's (N*B, T).
-- `reduce_update`: one optimizer update's metrics (loss parts, kl/ref, token fractions, *_min/*_max).
-- `reduce_account`: the entropy accounting's figures (summed predictions, token-weighted shares).
+- (an update's and the accounting's figures carry their own reduction: metrics.reduce)
 - `rollout_metrics`: the rollout batch's figures (reward/*, entropy/mean, disc/*, length/*) from the
   gathered rows; `batch_figures` is its pure part.
 - `filter_rows`: the filter log's rows of every process (the engine writes them).
@@ -49,52 +48,6 @@ def own_rows(accelerator, gathered: torch.Tensor, like: torch.Tensor) -> torch.T
     """This process's rows of a `gather_rows` result, cut back to the width of its own `like` (B, T)."""
     rank, b = accelerator.process_index, like.shape[0]
     return gathered[rank * b:(rank + 1) * b, :like.shape[1]]
-
-
-def reduce_update(accelerator, row: dict[str, float], n_tok: int) -> dict[str, float]:
-    """One update's metrics over all processes: loss parts add up (each is its share of the
-    global aggregate, scaled by N for DDP's mean: so the mean), kl/ref and the token fractions
-    weigh by each process's valid tokens, *_min / *_max reduce as such; the gradient norm is
-    global already."""
-    if accelerator.num_processes == 1:
-        return row
-    from accelerate.utils import gather_object
-
-    every = gather_object([(row, n_tok)])
-    out = {}
-    for k in row:
-        values = [r[k] for r, _ in every]
-        if k.endswith("_min"):
-            out[k] = min(values)
-        elif k.endswith("_max"):
-            out[k] = max(values)
-        elif k.startswith(("loss/", "grad/")):
-            out[k] = sum(values) / len(values)
-        else:
-            weights = [n for _, n in every]
-            out[k] = sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1)
-    return out
-
-
-def reduce_account(accelerator, acct: dict[str, float], n_local: int) -> dict[str, float]:
-    """Accounting figures over all processes: per-token sums (already divided by the global
-    token count) add up, quadrant shares weigh by valid tokens, the rest is global already."""
-    if accelerator.num_processes == 1:
-        return acct
-    from accelerate.utils import gather_object
-
-    every = gather_object([(acct, n_local)])
-    total = max(sum(n for _, n in every), 1)
-    summed = ("entropy/pred_logit", "entropy/pred_logit_drive", "entropy/pred_dz")
-    out = {}
-    for k in acct:
-        if k in summed or (k.startswith("quad/") and k.endswith("_pred")):
-            out[k] = sum(a[k] for a, _ in every)
-        elif k.endswith("_share"):
-            out[k] = sum(a[k] * n for a, n in every) / total
-        else:
-            out[k] = sum(a[k] for a, _ in every) / len(every)
-    return out
 
 
 def rollout_metrics(accelerator, group_size: int, rewards: torch.Tensor, correct: list[bool], stats,

@@ -96,45 +96,57 @@ def _dataset_rows(source: str, prompt_field: str, answer_field: str, split: str)
 def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply: bool,
             log=lambda s: None, wrap_sampler=None) -> Prediction:
     """One GRPO update's predicted entropy change on G samples of each problem (and, with `apply`,
-    the update taken and measured). `wrap_sampler`: as in Trainer (the sampler the batch comes from)."""
-    from entclip.training.engine import Trainer, derive_seed
+    the update taken and measured). `wrap_sampler`: as in Trainer (the sampler the batch comes from).
+
+    The training step's own stages: sample and score (engine), statistics (passes), the filter
+    (objective), and with `apply` the update (update) and its accounting (engine.account_step)."""
+    from entclip.training.batch import Batch, derive_seed, minibatch_plan
+    from entclip.training.engine import account_step, sample_problems, score
     from entclip.training.objective import batch_filter, loss_masks
+    from entclip.training.passes import statistics
+    from entclip.training.session import TrainState, open_learner, open_session
+    from entclip.training.update import Timings, update
 
     if len(problems) != cfg.prompts_per_step or cfg.minibatches != 1 or cfg.epochs != 1 or cfg.scope != "rollout":
         raise ValueError("predict: one update on the whole batch needs prompts_per_step == len(problems), "
                          "minibatches == epochs == 1 and filter_scope=rollout")
-    trainer = Trainer(cfg, None, log, model_path=model_path, wrap_sampler=wrap_sampler)
-    torch.manual_seed(derive_seed(cfg.seed, "predict"))
-    roll, rewards, _ = trainer.rollout_problems(problems)
-    adv = losses.group_advantages(rewards, cfg.group_size, cfg.scale_std).to(roll.completion_ids.device)
-    mask = roll.completion_mask  # (B, T)
-    adv_tok = adv[:, None].expand_as(mask).float()  # (B, T)
-    plan = trainer.minibatch_plan(0, roll.completion_ids.shape[0], roll.completion_ids.device)
-    stats, account = trainer.batch_stats(roll, plan[0], account=apply)
-    keep, filt = batch_filter(cfg, trainer.accelerator, stats, adv_tok, mask,
-                              torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", 0)))
-    loss_mask = mask * keep
-    n_valid = max(int(mask.sum()), 1)
-    norm = loss_masks(cfg, mask, keep)[0]
-    weights = loss_weights(norm, cfg.loss_agg, cfg.agg_constant)  # one update on the batch
-    unit = theory.grpo_logit_delta(stats.disc, stats.baseline, adv_tok, 1.0, 1.0, cfg.temperature)
-    drive = unit * weights * loss_mask / n_valid  # (B, T) without the learning rate
-    contrib = cfg.lr * drive
-    records = _records(trainer.tokenizer, roll, stats, adv_tok, keep, contrib, cfg.group_size)
-    valid = mask.bool()
-    totals: dict[str, float] = {
-        "tokens": n_valid, "sequences": int(mask.shape[0]), "reward/mean": float(rewards.mean()),
-        "entropy/mean": float(stats.entropy[valid].mean()), "lr": cfg.lr,
-        "entropy/pred_logit": float(contrib.sum()), "entropy/pred_logit_drive": float(drive.sum()),
-        "disc/mean": float(stats.disc[valid].mean()),
-        "disc/dev_mean": float((stats.disc - stats.baseline)[valid].mean()), **filt}
-    totals.update(quadrants(stats.disc - stats.baseline, adv_tok, mask, contrib))
-    applied = None
-    if apply:
-        trainer.update(1, roll, stats, adv_tok, keep, plan, account)
-        new_logits, h_new = trainer.account_end(roll, account)
-        applied = account.finish(new_logits, h_new, [p.detach() for p in trainer.model.parameters()],
-                                 stats, adv_tok, mask, cfg.temperature)
+    session = open_session(cfg, None, log, model_path=model_path, wrap_sampler=wrap_sampler)
+    learner = open_learner(session, model_path) if apply else None
+    try:
+        torch.manual_seed(derive_seed(cfg.seed, "predict"))
+        roll = sample_problems(session, problems)
+        batch = score(session, Batch(0, roll, [(i, j) for i in range(len(problems)) for j in range(cfg.group_size)]),
+                      answers=[p.answer for p in problems for _ in range(cfg.group_size)])
+        mask, adv_tok = batch.mask, batch.adv_tok  # (B, T)
+        plan = minibatch_plan(cfg, 0, roll.completion_ids.shape[0], roll.completion_ids.device)
+        stats, account, first = statistics(session, learner, batch, [m for mb in plan[0] for m in mb], account=apply)
+        keep, filt = batch_filter(cfg, session.accelerator, stats, adv_tok, mask,
+                                  torch.Generator().manual_seed(derive_seed(cfg.seed, "filter", 0)))
+        loss_mask = mask * keep
+        n_valid = max(int(mask.sum()), 1)
+        norm = loss_masks(cfg, mask, keep)[0]
+        weights = loss_weights(norm, cfg.loss_agg, cfg.agg_constant)  # one update on the batch
+        unit = theory.grpo_logit_delta(stats.disc, stats.baseline, adv_tok, 1.0, 1.0, cfg.temperature)
+        drive = unit * weights * loss_mask / n_valid  # (B, T) without the learning rate
+        contrib = cfg.lr * drive
+        records = _records(session.tokenizer, roll, stats, adv_tok, keep, contrib, cfg.group_size)
+        valid = mask.bool()
+        totals: dict[str, float] = {
+            "tokens": n_valid, "sequences": int(mask.shape[0]), "reward/mean": float(batch.rewards.mean()),
+            "entropy/mean": float(stats.entropy[valid].mean()), "lr": cfg.lr,
+            "entropy/pred_logit": float(contrib.sum()), "entropy/pred_logit_drive": float(drive.sum()),
+            "disc/mean": float(stats.disc[valid].mean()),
+            "disc/dev_mean": float((stats.disc - stats.baseline)[valid].mean()), **filt}
+        for name, (share, pred) in quadrants(stats.disc - stats.baseline, adv_tok, mask, contrib).items():
+            totals[f"quad/{name}_share"], totals[f"quad/{name}_pred"] = share, pred
+        applied = None
+        if apply:
+            timings = Timings()
+            update(session, learner, TrainState(entropy_coef=cfg.entropy_coef), batch, stats, keep, plan,
+                   account, first, timings)
+            applied = account_step(session, batch, stats, account, timings)
+    finally:
+        session.rewards.close()
     return Prediction(records, totals, applied)
 
 
