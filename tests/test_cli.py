@@ -25,7 +25,7 @@ def test_dry_run_prints_config_and_plan_and_writes_nothing(tmp_path):
                               "--steps", "7", "--set", "lr=3e-5"])
     assert res.exit_code == 0, res.output
     assert "entropy_control: clip_v" in res.output and "lr: 3.0e-05" in res.output
-    assert "steps: 7" in res.output and "# plan" in res.output and "clip_v (rule=released, mu=8.5" in res.output
+    assert "steps: 7" in res.output and "# plan" in res.output and "clip_v: token filter, clip_v_mu=8.5, clip_v_max_frac=0.0001, filter_rule=released" in res.output
     assert list(tmp_path.iterdir()) == []
 
 

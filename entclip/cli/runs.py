@@ -18,6 +18,7 @@ import typer
 
 from entclip.cli.errors import stderr, warn
 from entclip.contracts.errors import FAILED, EntclipError
+from entclip.core.registry import FILTER
 
 T = TypeVar("T")
 
@@ -324,12 +325,12 @@ def run_path(cfg) -> Path:
 def plan(cfg, path: Path) -> str:
     """The dry run's plan: what the run would do, in one screen."""
     updates = cfg.epochs * cfg.minibatches
-    filt = cfg.entropy_control
-    if filt != "none":
-        filt += f" (rule={cfg.filter_rule}, mu={cfg.filter_mu}"
-        filt += f", max_frac={cfg.clip_v_max_frac})" if cfg.entropy_control == "clip_v" else ")"
-    if cfg.entropy_control == "sign":
-        filt = f"sign (deviation {cfg.sign_deviation}, samples {cfg.sign_samples})"
+    method = cfg.method  # its declared keys with their values (entclip/core/registry.py)
+    filt = method.name
+    if method.place is not None:
+        filt += f": {method.place}, " + ", ".join(f"{k.name}={getattr(cfg, k.name)}" for k in method.keys)
+        if method.place == FILTER:
+            filt += f", scope {cfg.scope}, normalizer {cfg.normalizer}"
     if cfg.dataset:
         task = (f"dataset {cfg.dataset}" + (f" ({cfg.dataset_config})" if cfg.dataset_config else "")
                 + f", split {cfg.dataset_split}, fields {cfg.prompt_field} / {cfg.answer_field}, prompts "
@@ -359,7 +360,7 @@ def plan(cfg, path: Path) -> str:
         f"{cfg.steps * updates} updates in all",
         f"objective     : clipped surrogate eps {cfg.eps_low}/{cfg.eps_high}, {cfg.loss_agg}, "
         f"kl_coef {cfg.kl_coef}, lr {cfg.lr} ({cfg.lr_schedule})",
-        f"token filter  : {filt}",
+        f"method        : {filt}",
         f"evaluation    : every {cfg.eval_every or cfg.steps} steps on {evals}, "
         f"greedy + avg@{cfg.eval_k}/pass@k at T={cfg.eval_temperature}",
     ])

@@ -185,11 +185,6 @@ class Config:
         return self.loss_agg_constant or self.max_new_tokens
 
     @property
-    def filter_mu(self) -> float:
-        """For display only (the CLI's plan line): the objective passes each method's own key."""
-        return self.clip_v_mu if self.entropy_control == "clip_v" else self.clip_b_mu
-
-    @property
     def method(self) -> registry.Method:
         """The chosen method's declaration (entclip/core/registry.py)."""
         return registry.METHODS[self.entropy_control]

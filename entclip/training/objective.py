@@ -29,6 +29,7 @@ import torch
 from entclip.core import losses, methods, registry, theory
 from entclip.contracts.config import Config
 from entclip.training.parallel import gather_rows, own_rows
+from entclip.training.metrics import Max, Mean, Metric, Min
 
 
 def _kwargs(cfg: Config, part: registry.Method) -> dict[str, Any]:
@@ -152,7 +153,7 @@ class TokenTerms:
     zero_grad: torch.Tensor   # (b, T) bool: tokens whose policy gradient is zero (clipped)
     weights: torch.Tensor | None  # (b, T) per-token weights (STEER), already in `loss`
     kl: torch.Tensor          # (b, T) k3 KL to the reference (0 without one)
-    stats: dict[str, float]
+    stats: dict[str, Metric]  # shares of the valid tokens (Mean weighted by them), weight extremes (Min/Max)
 
 
 def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
@@ -162,11 +163,12 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
     KL-Cov's top-k and STEER's range), `keep` the filter's keep-mask (None: every token), entropy
     (detached) when the method reads it (`update_reads_entropy`: STEER). A loss-term method (KL-Cov)
     replaces the clipped surrogate, then the dual clip caps it, then a weight method (STEER) scales it.
-    Fractions in `stats` are over the valid tokens."""
+    Fractions in `stats` are over the valid tokens and weigh by them when micro-batches and processes combine."""
     valid = mask.bool()
-    n = max(int(valid.sum()), 1)
-    frac = lambda sel: float((sel & valid).sum()) / n  # noqa: E731
-    stats: dict[str, float] = {}
+    n_valid = int(valid.sum())
+    n = max(n_valid, 1)
+    frac = lambda sel: Mean(float((sel & valid).sum()) / n, n_valid)  # noqa: E731
+    stats: dict[str, Metric] = {}
     surr = losses.clipped_surrogate(logp, old_logp, adv, cfg.eps_low, cfg.eps_high)
     stats["clip/ratio_low_frac"], stats["clip/ratio_high_frac"] = frac(surr.clipped_low), frac(surr.clipped_high)
     policy, zero_grad = surr.loss, surr.clipped_low | surr.clipped_high
@@ -186,8 +188,8 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
     weights = None
     if method.place == registry.WEIGHT:
         weights = _call(method, source, _kwargs(cfg, method))
-        stats[f"clip/{method.name}_w_min"] = float(weights[valid].min()) if valid.any() else 1.0
-        stats[f"clip/{method.name}_w_max"] = float(weights[valid].max()) if valid.any() else 1.0
+        stats[f"clip/{method.name}_w_min"] = Min(float(weights[valid].min()) if valid.any() else 1.0)
+        stats[f"clip/{method.name}_w_max"] = Max(float(weights[valid].max()) if valid.any() else 1.0)
     loss = policy if weights is None else policy * weights
     if keep is not None:  # a dropped token's policy term is exactly zero, and so is its gradient
         loss = torch.where(keep.bool(), loss, torch.zeros_like(loss))

@@ -36,6 +36,9 @@ Log = Callable[[str], None]
 # Receives the run's default sampler (HFSampler over the live policy) and returns the one the run uses:
 # a wrapper that post-processes rollouts (tests build batches with guaranteed properties), or a backend.
 WrapSampler = Callable[[Sampler], Sampler]
+# The sampling backends the config's `sampler` names: (policy_fn, tokenizer, add_special_tokens, autocast,
+# generation_batch_size) -> Sampler.
+SAMPLERS: dict[str, Callable[..., Sampler]] = {"hf": HFSampler}
 
 
 @dataclass
@@ -134,8 +137,8 @@ def open_session(cfg: Config, run: RunDir | None, log: Log, model_path: str | No
             _enable_checkpointing(model.get_base_model() if lora else model)
     session = Session(cfg, accelerator, model, tokenizer, warm_start, precision, autocast, lora, tasks,
                       sampler=None, rewards=rewards, run_dir=run, log=log)  # type: ignore[arg-type]
-    default = HFSampler(lambda: session.policy, tokenizer, tasks.add_special_tokens, autocast,
-                        cfg.generation_batch_size)
+    default = SAMPLERS[cfg.sampler](lambda: session.policy, tokenizer, tasks.add_special_tokens, autocast,
+                                    cfg.generation_batch_size)
     session.sampler = default if wrap_sampler is None else wrap_sampler(default)
     return session
 

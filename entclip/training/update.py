@@ -24,7 +24,7 @@ from entclip.core import losses, methods, theory
 from entclip.training import objective, parallel
 from entclip.training.accounting import StepAccount, loss_weights
 from entclip.training.batch import Batch, FirstForward, Plan, Stats, derive_seed
-from entclip.training.metrics import Max, Mean, Metric, Min, Tally, reduce
+from entclip.training.metrics import Mean, Metric, Tally, reduce
 from entclip.training.passes import entropy_grad
 from entclip.training.rollout import completion_logits
 from entclip.training.session import Learner, Session, TrainState, trainable
@@ -48,15 +48,44 @@ class Timings:
 
 
 @dataclass
+class _Step:
+    """What every update of one step reads (and `upd_keep`, the micro-scope selections it writes)."""
+
+    session: Session
+    learner: Learner
+    state: TrainState
+    batch: Batch
+    stats: Stats
+    keep: torch.Tensor                 # (B, T) the rollout-scope keep-mask
+    norm: torch.Tensor                 # (B, T) the normalizer's tokens under it (objective.loss_masks)
+    upd_keep: torch.Tensor             # (B, T) micro scope: the current update's selections, row by row
+    plan: Plan
+    account: StepAccount | None
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One update's constants: where it is in the plan and what its micro-batches share."""
+
+    epoch: int
+    index: int                         # the minibatch within the epoch
+    n_micro: int
+    denom: float                       # the aggregate's denominator over the whole minibatch, all processes
+    coef: float                        # the entropy bonus's coefficient for this update (0: none)
+    lr: float                          # this update's learning rate (the accounting's)
+
+
+@dataclass
 class _Micro:
-    """What one micro-batch's loss hands its update: the accounting's inputs and its metrics."""
+    """What one micro-batch's loss hands its update."""
 
     loss: float
     policy: float
     kl_sum: float
     n_tok: int
     metrics: dict[str, Metric]
-    h_sum: float
+    h_sum: float                       # the bonus tokens' entropy, for the adaptive coefficient
     h_n: float
 
 
@@ -68,15 +97,14 @@ def update(session: Session, learner: Learner, state: TrainState, batch: Batch, 
     `keep` (B, T): the rollout-scope filter's keep-mask (every valid token when the method selects per
     micro-batch, objective.micro_filter). `first` is consumed by the first micro-batch it belongs to.
     """
-    cfg = session.cfg
+    step = _Step(session, learner, state, batch, stats, keep, objective.loss_masks(session.cfg, batch.mask, keep)[0],
+                 keep.clone(), plan, account, timings)
     means = Tally()  # every update's figures, each weighing 1: their mean over the updates
     n_updates = skipped = 0
     session.model.train()
-    upd_keep = keep.clone()  # micro scope: the current update's selections, row by row
     for e, minibatches in enumerate(plan):
         for i, micro in enumerate(minibatches):
-            row = _one_update(session, learner, state, batch, stats, keep, upd_keep, plan, (e, i), micro,
-                              account, first, timings)
+            row = _one_update(step, e, i, micro, first)
             first = None  # only ever the first update's
             if row is None:
                 skipped += 1
@@ -91,33 +119,27 @@ def update(session: Session, learner: Learner, state: TrainState, batch: Batch, 
     return out
 
 
-def _one_update(session: Session, learner: Learner, state: TrainState, batch: Batch, stats: Stats,
-                keep: torch.Tensor, upd_keep: torch.Tensor, plan: Plan, where: tuple[int, int],
-                micro: list[torch.Tensor], account: StepAccount | None, first: FirstForward | None,
-                timings: Timings) -> dict[str, float] | None:
+def _one_update(step: _Step, epoch: int, index: int, micro: list[torch.Tensor],
+                first: FirstForward | None) -> dict[str, float] | None:
     """One optimizer update on the micro-batches `micro`; its metrics over all processes, or None when
     it was skipped (a non-finite loss or gradient)."""
+    session, learner, state = step.session, step.learner, step.state
     cfg, accelerator = session.cfg, session.accelerator
-    mask, adv_tok = batch.mask, batch.adv_tok
     n_proc = accelerator.num_processes
-    norm_all = objective.loss_masks(cfg, mask, keep)[0]  # (B, T) the normalizer's tokens
-    # The aggregate's denominator over the whole minibatch (all micro-batches, processes).
-    local = sum(float(norm_all[m].sum()) if cfg.loss_agg == "token-mean" else float(len(m)) for m in micro)
-    denom = max(parallel.global_sum(accelerator, local), 1.0)
-    coef = methods.bonus_coef(state.entropy_coef, state.last_entropy, cfg.entropy_target)
-    lr = learner.sched.get_last_lr()[0]  # this update's learning rate (the accounting's)
+    local = sum(float(step.norm[m].sum()) if cfg.loss_agg == "token-mean" else float(len(m)) for m in micro)
+    upd = _Update(epoch, index, len(micro), denom=max(parallel.global_sum(accelerator, local), 1.0),
+                  coef=methods.bonus_coef(state.entropy_coef, state.last_entropy, cfg.entropy_target),
+                  lr=learner.sched.get_last_lr()[0])
     tally = Tally()
     n_tok = 0  # valid tokens (the fractions, kl/ref)
     loss_sum = policy_sum = kl_sum = 0.0
-    h_sum = h_n = 0.0  # the bonus tokens' entropy, for the adaptive coefficient
-    saved = account.snapshot() if account is not None else None  # undone if skipped
+    h_sum = h_n = 0.0
+    saved = step.account.snapshot() if step.account is not None else None  # undone if skipped
     for j, rows in enumerate(micro):
         # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
         sync = j == len(micro) - 1 or n_proc == 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(session.model):
-            part = _micro_loss(session, state, batch, stats, keep, upd_keep, where, j, rows, coef, denom,
-                               len(micro), lr, account, first if first is not None and first.rows is rows else None,
-                               timings)
+            part = _micro_loss(step, upd, j, rows, first if first is not None and first.rows is rows else None)
         loss_sum += part.loss
         policy_sum += part.policy
         kl_sum += part.kl_sum
@@ -130,8 +152,8 @@ def _one_update(session: Session, learner: Learner, state: TrainState, batch: Ba
     figures = tally.result()
     if cfg.scope == "micro":  # this update's selections, over its rows
         rows = torch.cat(micro)
-        figures.update({k: Mean(v, n_tok) for k, v in
-                        objective.filter_stats(upd_keep[rows], mask[rows], adv_tok[rows]).items()})
+        figures.update({k: Mean(v, n_tok) for k, v in objective.filter_stats(
+            step.upd_keep[rows], step.batch.mask[rows], step.batch.adv_tok[rows]).items()})
     figures.update({"loss/total": Mean(loss_sum * n_proc), "loss/policy": Mean(policy_sum * n_proc),
                     "kl/ref": Mean(kl_sum / max(n_tok, 1), n_tok), "grad/norm": Mean(float(grad_norm))})
     row = reduce(accelerator, figures)
@@ -139,19 +161,19 @@ def _one_update(session: Session, learner: Learner, state: TrainState, batch: Ba
         # Skip the update (parameters and optimizer state untouched), count it.
         learner.opt.zero_grad(set_to_none=True)
         if saved is not None:  # and it predicts no entropy change
-            account.restore(saved)
+            step.account.restore(saved)
         state.nonfinite_total += 1
         state.nonfinite_streak += 1
         if state.nonfinite_streak >= cfg.max_nonfinite:
-            raise NonFiniteStop(batch.step)
+            raise NonFiniteStop(step.batch.step)
         return None
     state.nonfinite_streak = 0
     learner.opt.step()
     learner.sched.step()
-    if account is not None and account.per_update:  # this update accounted on its own
+    if step.account is not None and step.account.per_update:  # this update accounted on its own
         t_acc = time.perf_counter()
-        _account_update(session, learner, batch, plan, account)
-        timings.accounting_s += time.perf_counter() - t_acc
+        _account_update(session, learner, step.batch, step.plan, step.account)
+        step.timings.accounting_s += time.perf_counter() - t_acc
     learner.opt.zero_grad(set_to_none=True)
     if cfg.entropy_target is not None:  # adaptive bonus: once per optimizer update, as TRL
         h = parallel.global_sum(accelerator, h_sum) / max(parallel.global_sum(accelerator, h_n), 1.0)
@@ -162,13 +184,11 @@ def _one_update(session: Session, learner: Learner, state: TrainState, batch: Ba
     return row
 
 
-def _micro_loss(session: Session, state: TrainState, batch: Batch, stats: Stats, keep: torch.Tensor,
-                upd_keep: torch.Tensor, where: tuple[int, int], j: int, rows: torch.Tensor, coef: float,
-                denom: float, n_micro: int, lr: float, account: StepAccount | None,
-                first: FirstForward | None, timings: Timings) -> _Micro:
-    """One micro-batch: its loss backpropagated, its share of the update's figures returned."""
+def _micro_loss(step: _Step, upd: _Update, j: int, rows: torch.Tensor, first: FirstForward | None) -> _Micro:
+    """Micro-batch j of an update: its loss backpropagated, its share of the update's figures returned."""
+    session, batch, stats = step.session, step.batch, step.stats
     cfg, accelerator = session.cfg, session.accelerator
-    roll, mask, adv_tok = batch.rollout, batch.mask, batch.adv_tok
+    roll = batch.rollout
     T = roll.completion_ids.shape[1]
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     if first is not None:
@@ -177,42 +197,39 @@ def _micro_loss(session: Session, state: TrainState, batch: Batch, stats: Stats,
         with session.autocast():
             logits = completion_logits(session.model, roll.input_ids[rows], roll.attention_mask[rows], T)  # (b, T, V)
     logp = theory.token_logp(logits, roll.completion_ids[rows], cfg.temperature)
-    m, adv, old = mask[rows], adv_tok[rows], stats.old_logp[rows]
+    m, adv, old = batch.mask[rows], batch.adv_tok[rows], stats.old_logp[rows]
     ent = None
-    if coef > 0:  # the bonus differentiates H
+    if upd.coef > 0:  # the bonus differentiates H
         ent = theory.token_entropy(logits, cfg.temperature)
     elif objective.update_reads_entropy(cfg):
         with torch.no_grad():  # read only: no (b, T, V) graph kept alive
             ent = theory.token_entropy(logits, cfg.temperature)
-    k = keep[rows]
+    k = step.keep[rows]
     if cfg.scope == "micro":
-        e, i = where
         gen = torch.Generator().manual_seed(  # on the CPU: the same draw on any device
-            derive_seed(cfg.seed, cfg.entropy_control, batch.step, e, i, j, rank))
+            derive_seed(cfg.seed, cfg.entropy_control, batch.step, upd.epoch, upd.index, j, rank))
         k = objective.micro_filter(cfg, accelerator, logp, ent, old, adv, m, gen)
-        upd_keep[rows] = k
+        step.upd_keep[rows] = k
     norm, bonus_mask = objective.loss_masks(cfg, m, k)
     terms = objective.token_terms(cfg, logp, old, adv, None if stats.ref_logp is None else stats.ref_logp[rows],
                                   None if ent is None else ent.detach(), m, k)
-    loss = losses.aggregate(terms.loss, norm, cfg.loss_agg, cfg.agg_constant, denom)
-    if coef > 0:
-        loss = loss - methods.entropy_bonus_term(ent, bonus_mask, coef, n_micro * n_proc)
+    loss = losses.aggregate(terms.loss, norm, cfg.loss_agg, cfg.agg_constant, upd.denom)
+    if upd.coef > 0:
+        loss = loss - methods.entropy_bonus_term(ent, bonus_mask, upd.coef, upd.n_micro * n_proc)
     h_sum = h_n = 0.0
     if cfg.entropy_target is not None:  # the adaptive coefficient's measurement
         h_sum = float((ent.detach() * bonus_mask).sum())
         h_n = float(bonus_mask.sum())
     accelerator.backward(loss * n_proc)  # DDP averages over processes
-    if account is not None:
+    if step.account is not None:
         t_acc = time.perf_counter()
-        w = loss_weights(norm, cfg.loss_agg, cfg.agg_constant, denom)
-        account.add_update(rows, logits, roll.completion_ids[rows], adv, terms.ratio, terms.zero_grad, m * k,
-                           w if terms.weights is None else w * terms.weights,
-                           lr, cfg.temperature)
-        timings.accounting_s += time.perf_counter() - t_acc
-    n = int(m.sum())
+        w = loss_weights(norm, cfg.loss_agg, cfg.agg_constant, upd.denom)
+        step.account.add_update(rows, logits, roll.completion_ids[rows], adv, terms.ratio, terms.zero_grad, m * k,
+                                w if terms.weights is None else w * terms.weights, upd.lr, cfg.temperature)
+        step.timings.accounting_s += time.perf_counter() - t_acc
     policy = losses.aggregate(torch.where(k.bool(), terms.surrogate.detach(), 0.0), norm, cfg.loss_agg,
-                              cfg.agg_constant, denom).item()
-    return _Micro(loss.item(), policy, float((terms.kl.detach() * m).sum()), n, _token_metrics(terms.stats, n), h_sum, h_n)
+                              cfg.agg_constant, upd.denom).item()
+    return _Micro(loss.item(), policy, float((terms.kl.detach() * m).sum()), int(m.sum()), terms.stats, h_sum, h_n)
 
 
 def _account_update(session: Session, learner: Learner, batch: Batch, plan: Plan, account: StepAccount) -> None:
@@ -229,7 +246,4 @@ def _account_update(session: Session, learner: Learner, batch: Batch, plan: Plan
     account.record(h_new, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params],
                    params, new_logits)
 
-
-def _token_metrics(stats: dict[str, float], n: int) -> dict[str, Metric]:
-    return {k: (Min(v) if k.endswith("_min") else Max(v) if k.endswith("_max") else Mean(v, n)) for k, v in stats.items()}
 
