@@ -11,10 +11,11 @@ and, while the policies agree, the same samples: at the released thresholds the 
 almost nothing (the table shows the share), so the four do the same work apart from what is
 measured. Targets (issue): Clip_B < 2%, Clip_V < 5% over `none` per step.
 
-Every variant runs the step's first pass (`batch_stats`: old log-probs and the token statistics
+Every variant runs the step's first pass (`passes.statistics`: old log-probs and the token statistics
 H, S*, E_p[S]); `none` pays for it too, so it is not part of the filters' overhead. Its share of
-the step is printed separately, as is the time inside `engine.token_filter` itself, which is the
-filters' whole extra work and far less noisy than a difference of two step times.
+the step is printed separately (the step logs it: perf/stats_pass_s), as is the time inside
+`objective.batch_filter` itself (perf/filter_s), which is the filters' whole extra work and far less
+noisy than a difference of two step times.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def main() -> None:
                      f"{median(r['step']) / median(ref['step']) - 1:+.1%}",
                      f"**{paired - 1:+.1%}**", f"{filt_extra:+.2%}"])
     print(f"\n{args.steps} timed steps per variant (after {args.warmup} untimed), interleaved:\n")
-    table(["variant", "step ms (median)", "rollout ms", "batch_stats ms (share)", "filter ms",
+    table(["variant", "step ms (median)", "rollout ms", "stats pass ms (share)", "filter ms",
            "dropped share", "overhead: ratio of medians", "overhead: median of per-step ratios",
            "overhead: filter alone"], rows)
     print("\ntargets: clip_b < +2%, clip_v < +5% (per-step overhead over none)")

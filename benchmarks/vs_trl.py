@@ -14,7 +14,7 @@ the KV cache, exactly one AdamW update per rollout batch (lr 1e-4 constant, weig
 clip 1.0, PPO clip 0.2, token-mean loss = TRL's `dapo`, group-std-scaled advantages, no KL and no
 reference model), fp32, CPU, the same thread count.
 
-What differs, by design of each: entclip takes a no-grad forward first (`batch_stats`: old
+What differs, by design of each: entclip takes a no-grad forward first (`passes.statistics`: old
 log-probs and the token statistics the filters and metrics need); TRL with num_iterations=1 reuses
 the training forward's detached log-probs instead and computes the entropy in its loss pass; the
 floor does neither. Completion lengths are printed to show that all generate about as many tokens.

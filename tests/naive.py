@@ -6,7 +6,7 @@ max_grad_norm=0 these are the raw gradients). `Reference(cap).update(u)` rebuild
 the specification below alone: plain Python loops over tokens, float64, the loss a Python sum of
 scalar terms, one backward; its gradient is compared with the engine's.
 
-Written from the specification, not from entclip's objective, losses or baselines: only plumbing is
+Written from the specification, not from entclip's objective, losses or methods: only plumbing is
 shared - the rollout the engine drew, its row order (`minibatch_plan`), the model's forward
 (`completion_logits`), `derive_seed`. The specification, in short (T the temperature everywhere):
 - A = r - group mean (/ (unbiased std + 1e-6) with scale_std), 0 for a group of equal rewards.

@@ -176,7 +176,7 @@ def test_math_in_worker_is_reused_as_verifier_and_metrics_are_flat():
     assert batch.components["math"] == [1.0, 1.0, 0.0]
     assert batch.total == pytest.approx([1.1, 1.0, 0.1])
     assert batch.correct == [True, True, False]
-    assert batch.metrics() == pytest.approx({"reward/errors": 0.0, "reward/timeouts": 0.0,
+    assert {k: m.value for k, m in batch.metrics().items()} == pytest.approx({"reward/errors": 0.0, "reward/timeouts": 0.0,
                                              "reward/math_mean": 2 / 3, "reward/format_mean": 2 / 3})
 
 

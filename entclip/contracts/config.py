@@ -216,7 +216,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-TRACKERS = ("tensorboard", "trackio", "wandb")  # report_to's choices (entclip/trackers.py)
+TRACKERS = ("tensorboard", "trackio", "wandb")  # report_to's choices (entclip/training/trackers.py)
 # Token filters (keep-masks) and those that may select per micro-batch of every update (registry).
 FILTERS = registry.filters()
 MICRO_FILTERS = registry.micro_filters()

@@ -1,4 +1,5 @@
-"""The one exception domain code raises for a user's mistake; cli.py turns it into one line.
+"""The one exception domain code raises for a user's mistake; the CLI (cli/errors.py, user_errors) turns
+it into one line.
 
 Exit codes (README, "Exit codes"): each class of problem has its own, so scripts can tell them apart.
 """

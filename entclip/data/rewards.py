@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from entclip.contracts.errors import FAILED, EntclipError
+from entclip.contracts.metrics import Mean, Metric, Sum
 
 RewardFn = Callable[[str, str, str], float]  # fn(completion, answer, prompt) -> float
 
@@ -201,10 +202,12 @@ class RewardBatch:
     timeouts: int  # calls cut off after `timeout` seconds
     first_error: str | None = None  # "name: ExcType: message" of the first failed call, for the log
 
-    def metrics(self) -> dict[str, float]:
-        out = {"reward/errors": float(self.errors), "reward/timeouts": float(self.timeouts)}
+    def metrics(self) -> dict[str, Metric]:
+        """Counts of failed and timed-out calls (they add up over processes), each reward's mean score
+        (averaged over processes: each holds as many rows)."""
+        out: dict[str, Metric] = {"reward/errors": Sum(float(self.errors)), "reward/timeouts": Sum(float(self.timeouts))}
         for name, scores in self.components.items():
-            out[f"reward/{name}_mean"] = sum(scores) / len(scores) if scores else 0.0
+            out[f"reward/{name}_mean"] = Mean(sum(scores) / len(scores) if scores else 0.0)
         return out
 
 

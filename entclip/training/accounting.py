@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from entclip.core import losses, theory
-from entclip.training.metrics import Mean, Metric, Sum
+from entclip.contracts.metrics import Mean, Metric, Sum
 
 QUADRANTS = {"pos_devpos": (1, 1), "pos_devneg": (1, -1), "neg_devpos": (-1, 1), "neg_devneg": (-1, -1)}
 

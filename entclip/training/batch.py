@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from entclip.contracts.metrics import Metric
 from entclip.training.rollout import Rollout
 
 
@@ -32,10 +33,10 @@ class Batch:
     row_ids: list[tuple[int, int]]          # (problem index, sample index) per row
     rewards: torch.Tensor | None = None     # (B,) total reward per row
     correct: list[bool] | None = None       # (B,) the verifier's verdict per row
-    reward_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the reward functions' own
+    reward_metrics: dict[str, Metric] = dataclasses.field(default_factory=dict)  # the reward functions' own
     advantages: torch.Tensor | None = None  # (B,) group-normalized, on the rollout's device
 
-    def with_scores(self, rewards: torch.Tensor, correct: list[bool], reward_metrics: dict[str, float],
+    def with_scores(self, rewards: torch.Tensor, correct: list[bool], reward_metrics: dict[str, Metric],
                     advantages: torch.Tensor) -> "Batch":
         return dataclasses.replace(self, rewards=rewards, correct=correct, reward_metrics=reward_metrics,
                                    advantages=advantages)
@@ -64,9 +65,9 @@ class Stats:
 
 @dataclass
 class FirstForward:
-    """The statistics pass's first micro-batch forward, its graph kept: the first update's forward too."""
+    """The statistics pass's first micro-batch forward (plan[0][0][0]), its graph kept: the first
+    update's first forward too."""
 
-    rows: torch.Tensor                 # the micro-batch's row indices (the plan's own tensor)
     logits: torch.Tensor | None        # (b, T, V) with graph; None once taken
 
     def take(self) -> torch.Tensor:
@@ -76,6 +77,18 @@ class FirstForward:
 
 
 Plan = list[list[list[torch.Tensor]]]  # row indices per epoch, minibatch (one update each) and micro-batch
+
+
+@dataclass
+class Prepared:
+    """A scored batch ready for its updates: what the statistics pass and the filter made of it."""
+
+    batch: Batch
+    stats: Stats
+    keep: torch.Tensor                 # (B, T) the rollout-scope keep-mask (objective.batch_filter)
+    plan: Plan                         # the step's epochs x minibatches x micro-batches
+    account: Any                       # accounting.StepAccount on an accounted step, else None
+    first: FirstForward | None         # the forward of plan[0][0][0], for the first update's first micro-batch
 
 
 def minibatch_plan(cfg, step: int, n_rows: int, device) -> Plan:

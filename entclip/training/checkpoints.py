@@ -13,6 +13,7 @@ import torch
 
 from entclip.contracts.rundir import load_trainer_state, save_checkpoint
 
+
 def save(trainer, step: int, wall_s: float) -> Path:
     """A complete checkpoint: weights, tokenizer and everything an exact resume needs."""
     session, learner, train_state = trainer.session, trainer.learner, trainer.state

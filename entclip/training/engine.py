@@ -2,8 +2,9 @@
 
 `train_step` is the story; each stage is a function of the run's objects (session.Session: what
 samples and scores; session.Learner: what trains; session.TrainState: what carries to the next step)
-and of the typed records the earlier stages returned (batch.Batch, batch.Stats). Nothing passes between
-stages through an object's attributes.
+and of the typed records the earlier stages returned (batch.Batch, batch.Stats, batch.Prepared): no
+stage reads what another left on an object's attributes. The mutable records (the StepAccount of an
+accounted step, the step's Timings, the TrainState) are passed explicitly.
 
 - collect: the step's prompts, drawn from (seed, step) and split over the processes; G samples each,
   each sample's noise from (seed, step, prompt, sample), so 1 and N processes draw the same completions.
@@ -34,8 +35,8 @@ from torch.profiler import record_function
 from entclip.core import losses
 from entclip.training import objective, parallel
 from entclip.training.accounting import StepAccount
-from entclip.training.batch import Batch, Stats, derive_seed, minibatch_plan
-from entclip.training.metrics import reduce
+from entclip.training.batch import Batch, Prepared, Stats, derive_seed, minibatch_plan
+from entclip.contracts.metrics import reduce
 from entclip.training.passes import entropy_after, statistics
 from entclip.training.rollout import Rollout
 from entclip.training.session import (Learner, Log, Session, TrainState, WrapSampler, open_learner, open_session,
@@ -68,7 +69,7 @@ def train_step(session: Session, learner: Learner, state: TrainState, step: int,
     if cfg.log_filter:
         log_filter(session, batch, keep)
     with record_function("update"):
-        upd = update(session, learner, state, batch, stats, keep, plan, account, first, timings)
+        upd = update(session, learner, state, Prepared(batch, stats, keep, plan, account, first), timings)
     session.sampler.sync_weights(session.policy)
     acct = account_step(session, batch, stats, account, timings)
     return log_step(session, state, batch, stats, {**filt, **upd, **acct}, timings, t0, t_roll, account is not None)

@@ -2,7 +2,7 @@
 
 `memory_estimate(cfg, config, n_processes)` -> MemoryEstimate: the components one process holds
 (weights, optimizer state, activations, logits and their gradients, KV cache, accounting copies)
-and, per phase of engine.Trainer.step (stats pass, updates, generation, accounting), what is alive
+and, per phase of engine.train_step (stats pass, updates, generation, accounting), what is alive
 together; peak = what stays resident + the largest phase. Figures on one process, on n_processes
 data parallel, and on n_processes sharded (FSDP / ZeRO-3, for comparison). `render_memory` gives
 the plain lines `entclip train --dry-run` prints. The counts follow the engine's own choices and
@@ -133,8 +133,8 @@ class _Plan:
 
 
 def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
-    """What one process holds in each phase of engine.Trainer.step on n processes: the stats pass
-    (batch_stats), the updates, generation (the rollout) and the accounting's end-of-step pass
+    """What one process holds in each phase of engine.train_step on n processes: the stats pass
+    (passes.statistics), the updates, generation (the rollout) and the accounting's end-of-step pass
     (entropy_after, StepAccount.finish). Labels do not depend on n (the table sets columns side by side)."""
     from entclip.training.accounting import ACCOUNT_LOGITS_MAX
 
@@ -276,7 +276,7 @@ def _plan(cfg, m: _Shape, precision: str, n: int, shard: bool = True) -> _Plan:
         update["rebuild"] = {"act": 1, "logits": 1, "rebuilt": 1, "layer_casts": 1, "lm_grad": 1, "grads": 1,
                              **acct}
 
-    # The stats pass (engine.batch_stats) keeps micro-batch 0's forward, graph included, for the first update;
+    # The stats pass (passes.statistics) keeps micro-batch 0's forward, graph included, for the first update;
     # later micro-batches run without grad, each starting while the previous one's logits (and reference
     # logits) are bound. With accounting each micro-batch is differentiated too (grad H); on 1 process
     # micro-batch 0's graph stays (retain_graph) while the next one's is built, on N it is not reused.

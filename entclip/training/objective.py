@@ -26,10 +26,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from entclip.core import losses, methods, registry, theory
+from entclip.core import losses, registry, theory
 from entclip.contracts.config import Config
 from entclip.training.parallel import gather_rows, own_rows
-from entclip.training.metrics import Max, Mean, Metric, Min
+from entclip.contracts.metrics import Max, Mean, Metric, Min
 
 
 def _kwargs(cfg: Config, part: registry.Method) -> dict[str, Any]:

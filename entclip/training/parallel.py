@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from entclip.contracts.metrics import Metric, reduce
+
 
 def global_sum(accelerator, value: float) -> float:
     """Sum of a number over all processes (itself on one process)."""
@@ -51,11 +53,11 @@ def own_rows(accelerator, gathered: torch.Tensor, like: torch.Tensor) -> torch.T
 
 
 def rollout_metrics(accelerator, group_size: int, rewards: torch.Tensor, correct: list[bool], stats,
-                    mask: torch.Tensor, reward_metrics: dict[str, float]) -> dict[str, float]:
+                    mask: torch.Tensor, reward_metrics: dict[str, Metric]) -> dict[str, float]:
     """The rollout batch's figures over all processes' rows, and the reward functions' own metrics
     (reward/errors and reward/timeouts summed over processes, the rest averaged).
 
-    `stats` is the engine's BatchStats (B, T) per process; rewards (B,), correct B flags, mask (B, T).
+    `stats` is the step's batch.Stats (B, T) per process; rewards (B,), correct B flags, mask (B, T).
     """
     dev = accelerator.device
     g = lambda t: gather_rows(accelerator, t.to(dev))  # noqa: E731
@@ -64,14 +66,7 @@ def rollout_metrics(accelerator, group_size: int, rewards: torch.Tensor, correct
                         [bool(c) for c in accelerator.gather(
                             torch.tensor([int(c) for c in correct], device=dev)).tolist()],
                         entropy, disc, baseline, g(mask))
-    rm = reward_metrics
-    if accelerator.num_processes > 1 and rm:
-        from accelerate.utils import gather_object
-
-        every = gather_object([rm])
-        rm = {k: (sum(r[k] for r in every) if k in ("reward/errors", "reward/timeouts")
-                  else sum(r[k] for r in every) / len(every)) for k in rm}
-    return {**out, **rm}
+    return {**out, **reduce(accelerator, reward_metrics)}
 
 
 def batch_figures(group_size: int, rewards: torch.Tensor, correct: list[bool], entropy: torch.Tensor,

@@ -59,7 +59,7 @@ def statistics(session: Session, learner: Learner | None, batch: Batch, micro: l
                     old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
                 old_logits[rows] = logits.detach()
         if i == 0 and reuse:
-            first = FirstForward(rows, logits)
+            first = FirstForward(logits)
         if cfg.kl_coef > 0 and learner is not None:
             ref = ref_logits(session, learner, ids[rows], am[rows], T)
             out["ref"][rows] = theory.token_logp(ref, roll.completion_ids[rows], cfg.temperature)

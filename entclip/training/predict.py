@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from entclip.core import losses, theory
+from entclip.core import theory
 from entclip.training.accounting import loss_weights, quadrants
 from entclip.contracts.config import Config
 from entclip.contracts.errors import BAD_DATA, NOT_FOUND, EntclipError
@@ -100,7 +100,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
 
     The training step's own stages: sample and score (engine), statistics (passes), the filter
     (objective), and with `apply` the update (update) and its accounting (engine.account_step)."""
-    from entclip.training.batch import Batch, derive_seed, minibatch_plan
+    from entclip.training.batch import Batch, Prepared, derive_seed, minibatch_plan
     from entclip.training.engine import account_step, sample_problems, score
     from entclip.training.objective import batch_filter, loss_masks
     from entclip.training.passes import statistics
@@ -142,8 +142,8 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
         applied = None
         if apply:
             timings = Timings()
-            update(session, learner, TrainState(entropy_coef=cfg.entropy_coef), batch, stats, keep, plan,
-                   account, first, timings)
+            update(session, learner, TrainState(entropy_coef=cfg.entropy_coef),
+                   Prepared(batch, stats, keep, plan, account, first), timings)
             applied = account_step(session, batch, stats, account, timings)
     finally:
         session.rewards.close()

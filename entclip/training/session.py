@@ -86,7 +86,8 @@ class Learner:
 
 @dataclass
 class TrainState:
-    """What a step hands the next; a checkpoint saves it (loop.save) and resume restores it."""
+    """What a step hands the next; a checkpoint saves it (checkpoints.save) and resume restores it
+    (checkpoints.restore)."""
 
     entropy_coef: float           # the bonus coefficient (adapted per update when entropy_target is set)
     last_entropy: float = math.inf  # the adaptive bonus's last measured entropy (inf: none yet, not applied)

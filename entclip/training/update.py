@@ -23,8 +23,8 @@ from torch.profiler import record_function
 from entclip.core import losses, methods, theory
 from entclip.training import objective, parallel
 from entclip.training.accounting import StepAccount, loss_weights
-from entclip.training.batch import Batch, FirstForward, Plan, Stats, derive_seed
-from entclip.training.metrics import Mean, Metric, Tally, reduce
+from entclip.training.batch import Batch, FirstForward, Plan, Prepared, Stats, derive_seed
+from entclip.contracts.metrics import Mean, Metric, Tally, reduce
 from entclip.training.passes import entropy_grad
 from entclip.training.rollout import completion_logits
 from entclip.training.session import Learner, Session, TrainState, trainable
@@ -89,20 +89,23 @@ class _Micro:
     h_n: float
 
 
-def update(session: Session, learner: Learner, state: TrainState, batch: Batch, stats: Stats,
-           keep: torch.Tensor, plan: Plan, account: StepAccount | None, first: FirstForward | None,
-           timings: Timings) -> dict[str, float]:
-    """One optimizer update per minibatch of `plan`; the update metrics averaged over the updates taken.
+def update(session: Session, learner: Learner, state: TrainState, prepared: Prepared, timings: Timings
+           ) -> dict[str, float]:
+    """One optimizer update per minibatch of the plan; the update metrics averaged over the updates taken.
 
-    `keep` (B, T): the rollout-scope filter's keep-mask (every valid token when the method selects per
-    micro-batch, objective.micro_filter). `first` is consumed by the first micro-batch it belongs to.
+    `prepared.keep` (B, T): the rollout-scope filter's keep-mask (every valid token when the method
+    selects per micro-batch, objective.micro_filter). `prepared.first`, the statistics pass's forward of
+    plan[0][0][0], is the first update's first micro-batch forward.
     """
-    step = _Step(session, learner, state, batch, stats, keep, objective.loss_masks(session.cfg, batch.mask, keep)[0],
-                 keep.clone(), plan, account, timings)
+    p = prepared
+    step = _Step(session, learner, state, p.batch, p.stats, p.keep,
+                 objective.loss_masks(session.cfg, p.batch.mask, p.keep)[0], p.keep.clone(), p.plan, p.account,
+                 timings)
+    first = p.first
     means = Tally()  # every update's figures, each weighing 1: their mean over the updates
     n_updates = skipped = 0
     session.model.train()
-    for e, minibatches in enumerate(plan):
+    for e, minibatches in enumerate(p.plan):
         for i, micro in enumerate(minibatches):
             row = _one_update(step, e, i, micro, first)
             first = None  # only ever the first update's
@@ -139,7 +142,7 @@ def _one_update(step: _Step, epoch: int, index: int, micro: list[torch.Tensor],
         # Non-final micro-batches accumulate locally: DDP syncs once per update, on the last.
         sync = j == len(micro) - 1 or n_proc == 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(session.model):
-            part = _micro_loss(step, upd, j, rows, first if first is not None and first.rows is rows else None)
+            part = _micro_loss(step, upd, j, rows, first if j == 0 else None)
         loss_sum += part.loss
         policy_sum += part.policy
         kl_sum += part.kl_sum

@@ -5,8 +5,11 @@
 - `Sum(value)`: values add up (per-token predictions already divided by the global token count).
 - `Min(value)` / `Max(value)`: the extreme.
 
-`Tally` combines the metrics of the micro-batches of one update; `reduce` combines one figure per
-process into the number the run logs (on one process: its own value, untouched).
+Who makes them: the objective's token terms (objective.token_terms), an update (update.py), the
+entropy accounting (accounting.StepAccount.finish), the rewards (rewards.Scored.metrics). `Tally`
+combines the micro-batches of an update (and the updates of a step); `reduce` combines one figure per
+process into the number the run logs (on one process: its own value, untouched). A contract between
+layers (data makes them, training reduces them), so it lives here.
 """
 
 from __future__ import annotations
