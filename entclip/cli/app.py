@@ -280,7 +280,10 @@ def export_merged_cmd(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        runs.close_processes()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,20 @@ class Processes:
         return result
 
 
+def close_processes() -> None:
+    """At the end of a command under `accelerate launch`: tear this process's group down before the
+    interpreter exits, so gloo's threads end in order (an un-destroyed group can abort a process at
+    exit). Local to the process: no collective, so a process whose peer failed cannot hang here."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def start_run(cfg, path: Path, *, overwrite: bool = False, resume: bool = False,
               quiet: bool = False) -> Optional[dict[str, Any]]:
     """Train `cfg` in the run directory `path`, safe under several processes.
