@@ -98,6 +98,26 @@ def check_supported(cfg: Config, args: Any) -> None:
             "dropped tokens, entclip's does not; set filter_normalizer=kept or TRL's entropy_coef=0")
 
 
+def token_figures(accelerator, stats: Stats, mask: torch.Tensor) -> dict[str, float]:
+    """entropy/mean and disc/* of the generation batch's valid tokens (all processes, before any
+    update), as entclip's own engine logs them (parallel.batch_figures): TRL's own `entropy` is the
+    mean over its loss mask, so over the kept tokens once a filter drops some."""
+    valid = mask.bool()
+    cols = {"entropy/mean": stats.entropy, "disc/mean": stats.disc, "disc/baseline_mean": stats.baseline,
+            "disc/dev_mean": stats.disc - stats.baseline}
+    parts = []
+    for col in cols.values():
+        x = col[valid].double()
+        parts += [x.sum(), (x * x).sum()]
+    parts.append(valid.sum().double())
+    totals = accelerator.reduce(torch.stack(parts).to(accelerator.device), reduction="sum").tolist()
+    n = max(totals[-1], 1.0)
+    out = {name: totals[2 * i] / n for i, name in enumerate(cols)}
+    for name, i in (("disc/std", 1), ("disc/dev_std", 3)):  # population std, as batch_figures
+        out[name] = max(totals[2 * i + 1] / n - (totals[2 * i] / n) ** 2, 0.0) ** 0.5
+    return out
+
+
 @dataclass
 class FilteredBatch:
     """What the adapter decided on one generation batch (this process's rows), before TRL shuffles it."""
@@ -175,7 +195,7 @@ class EntclipGRPOTrainer(GRPOTrainer):
                 out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             else:  # only its policy term: advantage 0 on a dropped token
                 out["advantages"] = torch.where(keep, adv_tok.to(adv.dtype), torch.zeros_like(adv_tok, dtype=adv.dtype))
-        for name, value in figures.items():
+        for name, value in {**token_figures(self.accelerator, stats, mask), **figures}.items():
             self._metrics["train"][name].append(float(value))
         self.last_filtered = FilteredBatch(step, input_ids, attention_mask, completion_ids, mask, adv, stats,
                                            keep, figures)
