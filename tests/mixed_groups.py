@@ -86,3 +86,14 @@ def mixed_groups(sampler) -> MixedGroups:
 def mixed_groups_for(answer_of, wrong: str = WRONG):
     """A `wrap_sampler` for another task: `answer_of(prompt text)` -> the answer the reward accepts."""
     return lambda sampler: MixedGroups(sampler, sampler.tokenizer, answer_of, wrong)
+
+
+def mixed_rewards(group_size: int):
+    """A TRL reward function with the same guarantee for TRL's GRPOTrainer, which has no sampler seam:
+    whatever was sampled, in every group of `group_size` consecutive completions (TRL keeps a prompt's
+    generations together) even rows score 1 and odd rows 0, so every group's rewards differ and every
+    step has tokens with a negative advantage for Clip_B / Clip_V to drop."""
+    def reward(prompts, completions, **kwargs):
+        return [float((i % group_size) % 2 == 0) for i in range(len(completions))]
+
+    return reward

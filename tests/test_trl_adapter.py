@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("trl")
 
 from conftest import TEST_SEED, tiny_sets  # noqa: E402
+from mixed_groups import mixed_rewards  # noqa: E402
 from entclip.contracts.config import resolve  # noqa: E402
 from entclip.contracts.errors import EntclipError  # noqa: E402
 from entclip.training import objective, passes  # noqa: E402
@@ -42,10 +43,9 @@ def tiny():
     task = ArithmeticTask(max_operand=cfg.max_operand, n_test=cfg.n_test)
     ds = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in task.train])
 
-    def reward(prompts, completions, answer, **kw):
-        return [task.reward(c, a) for c, a in zip(completions, answer)]
-
-    return types.SimpleNamespace(path=ws["path"], ds=ds, reward=reward)
+    # Rewards that differ in every group whatever the tiny model sampled on this CPU: the filters have
+    # negative-advantage tokens to drop on any machine (tests/mixed_groups.py).
+    return types.SimpleNamespace(path=ws["path"], ds=ds, reward=mixed_rewards(G))
 
 
 def grpo_args(tmp_path, **over):

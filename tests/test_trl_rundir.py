@@ -19,6 +19,7 @@ pytest.importorskip("trl")
 from typer.testing import CliRunner  # noqa: E402
 
 from conftest import TEST_SEED, tiny_sets  # noqa: E402
+from mixed_groups import mixed_rewards  # noqa: E402
 from entclip.cli import app  # noqa: E402
 from entclip.contracts.config import resolve  # noqa: E402
 from entclip.contracts.rundir import RunDir, load_run  # noqa: E402
@@ -49,8 +50,7 @@ def runs(tmp_path_factory):
     def rows(problems):
         return Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
 
-    def reward(prompts, completions, answer, **kw):
-        return [task.reward(c, a) for c, a in zip(completions, answer)]
+    reward = mixed_rewards(G)  # every group's rewards differ, whatever was sampled: tokens to drop
 
     args = GRPOConfig(output_dir=str(root / "trl-out"), use_cpu=True, bf16=False, fp16=False, report_to="none",
                       disable_tqdm=True, save_strategy="no", logging_steps=1, seed=TEST_SEED, max_steps=STEPS,

@@ -112,31 +112,52 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float,
-            ckpt: Path | None) -> dict[str, Any]:
-    """summary.json from the run directory's own files, so a resumed run summarizes all its steps."""
+SUMMARY_KEYS = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
+                "disc/min_z_v", "train/nonfinite_total"]
+
+
+def run_figures(path: Path) -> dict[str, Any]:
+    """summary.json's figures from a run directory's own files (so a resumed run, or a TRL run,
+    summarizes all its steps): the last row's SUMMARY_KEYS, entropy first/last/min, first/last eval."""
+    from entclip.contracts.rundir import load_run
+
+    loaded = load_run(path)
+    rows, evals = loaded.metrics, loaded.evals
+    entropies = [r["entropy/mean"] for r in rows if r.get("entropy/mean") is not None]
+    last = rows[-1] if rows else {}
+    return {"final": {k: last.get(k) for k in SUMMARY_KEYS},
+            "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
+            "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None}
+
+
+def library_versions() -> dict[str, str]:
+    """The versions summary.json records (trl's too when it is installed, for TRL runs)."""
+    import importlib.metadata
+
     import accelerate
     import transformers
 
     from entclip import __version__
-    from entclip.contracts.rundir import load_run
 
+    out = {"entclip": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "accelerate": accelerate.__version__}
+    try:
+        out["trl"] = importlib.metadata.version("trl")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return out
+
+
+def _finish(trainer: Trainer, run: RunDir, status: str, step: int, wall_s: float,
+            ckpt: Path | None) -> dict[str, Any]:
+    """summary.json from the run directory's own files, so a resumed run summarizes all its steps."""
     run.close()
-    loaded = load_run(run.path)
-    rows, evals = loaded.metrics, loaded.evals
-    entropies = [r["entropy/mean"] for r in rows if r.get("entropy/mean") is not None]
-    keys = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
-            "disc/min_z_v", "train/nonfinite_total"]
-    last = rows[-1] if rows else {}
     summary = {
         "status": status, "steps": step, "steps_planned": trainer.cfg.steps, "wall_s": wall_s,
         "method": trainer.cfg.entropy_control, "warm_start": trainer.session.warm_start,
-        "final": {k: last.get(k) for k in keys},
-        "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
-        "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
+        **run_figures(run.path),
         "checkpoint": str(ckpt.relative_to(run.path)) if ckpt else None,
-        "versions": {"entclip": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
+        "versions": library_versions(),
     }
     if trainer.session.accelerator.is_main_process:
         run.write_summary(summary)

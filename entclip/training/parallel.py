@@ -72,18 +72,24 @@ def rollout_metrics(accelerator, group_size: int, rewards: torch.Tensor, correct
 def batch_figures(group_size: int, rewards: torch.Tensor, correct: list[bool], entropy: torch.Tensor,
                   disc: torch.Tensor, baseline: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """reward/*, entropy/mean, disc/*, length/* of a whole batch: rewards (B,), the rest (B, T)."""
-    valid = mask.bool()
-    dev = (disc - baseline)[valid]
     groups = rewards.view(-1, group_size)
     lengths = mask.sum(dim=1).float()
     return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
             "reward/accuracy": sum(correct) / len(correct),
             "reward/zero_var_frac": float((groups.std(dim=1) < 1e-8).float().mean()),
-            "entropy/mean": float(entropy[valid].mean()),
+            **token_figures(entropy, disc, baseline, mask),
+            "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
+
+
+def token_figures(entropy: torch.Tensor, disc: torch.Tensor, baseline: torch.Tensor,
+                  mask: torch.Tensor) -> dict[str, float]:
+    """entropy/mean and disc/* over a whole batch's valid tokens (all (B, T); population std)."""
+    valid = mask.bool()
+    dev = (disc - baseline)[valid]
+    return {"entropy/mean": float(entropy[valid].mean()),
             "disc/mean": float(disc[valid].mean()), "disc/std": float(disc[valid].std(correction=0)),
             "disc/baseline_mean": float(baseline[valid].mean()),
-            "disc/dev_mean": float(dev.mean()), "disc/dev_std": float(dev.std(correction=0)),
-            "length/mean": float(lengths.mean()), "length/max": float(lengths.max())}
+            "disc/dev_mean": float(dev.mean()), "disc/dev_std": float(dev.std(correction=0))}
 
 
 def filter_rows(accelerator, step: int, completion_ids: torch.Tensor, keep: torch.Tensor,

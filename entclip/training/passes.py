@@ -49,15 +49,12 @@ def statistics(session: Session, learner: Learner | None, batch: Batch, micro: l
         st = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature)
         for k in ("logp", "entropy", "disc", "baseline"):
             out[k][rows] = getattr(st, k)
-        if account:  # grad of Hbar = mean entropy over the batch's valid tokens (DDP averages: x N)
-            h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
-            accelerator.backward(h_part, retain_graph=i == 0 and reuse)
+        if account:  # grad of Hbar = mean entropy over the batch's valid tokens
+            _hbar_backward(session, logits, mask[rows], n_valid, retain_graph=i == 0 and reuse)
             if keep_logits is None:  # the same decision on every process (their T differ)
                 keep_logits = parallel.global_max(accelerator, B * T * logits.shape[-1]) <= ACCOUNT_LOGITS_MAX
             if keep_logits:
-                if old_logits is None:
-                    old_logits = torch.empty(B, T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
-                old_logits[rows] = logits.detach()
+                old_logits = _kept(old_logits, rows, logits, B)
         if i == 0 and reuse:
             first = FirstForward(logits)
         if cfg.kl_coef > 0 and learner is not None:
@@ -85,7 +82,6 @@ def entropy_grad(session: Session, batch: Batch, micro: list[torch.Tensor], keep
     cfg, roll, accelerator = session.cfg, batch.rollout, session.accelerator
     T = roll.completion_ids.shape[1]
     ids, am, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
-    n_proc = accelerator.num_processes
     n_valid = max(parallel.global_sum(accelerator, mask.sum()), 1.0)
     session.model.train()
     h_sum, kept = 0.0, None
@@ -95,13 +91,27 @@ def entropy_grad(session: Session, batch: Batch, micro: list[torch.Tensor], keep
         # token_stats, as for Hbar before the step: "measured" is a difference of one computation
         ent = theory.token_stats(logits.detach(), roll.completion_ids[rows], cfg.temperature).entropy
         h_sum += float((ent * mask[rows]).sum())
-        h_part = (theory.token_entropy(logits, cfg.temperature) * mask[rows]).sum() * n_proc / n_valid
-        accelerator.backward(h_part)  # DDP averages: x N
+        _hbar_backward(session, logits, mask[rows], n_valid)
         if keep_logits:
-            if kept is None:
-                kept = torch.empty(ids.shape[0], T, logits.shape[-1], dtype=logits.dtype, device=ids.device)
-            kept[rows] = logits.detach()
+            kept = _kept(kept, rows, logits, ids.shape[0])
     return parallel.global_sum(accelerator, h_sum) / n_valid, kept
+
+
+def _hbar_backward(session: Session, logits: torch.Tensor, mask: torch.Tensor, n_valid: float,
+                   retain_graph: bool = False) -> None:
+    """Backpropagate one micro-batch's share of Hbar (its tokens' entropy summed / all valid tokens);
+    DDP averages gradients over processes, hence x N."""
+    n_proc = session.accelerator.num_processes
+    part = (theory.token_entropy(logits, session.cfg.temperature) * mask).sum() * n_proc / n_valid
+    session.accelerator.backward(part, retain_graph=retain_graph)
+
+
+def _kept(buffer: torch.Tensor | None, rows: torch.Tensor, logits: torch.Tensor, B: int) -> torch.Tensor:
+    """The (B, T, V) buffer of kept logits (made on first use) with this micro-batch's rows filled in."""
+    if buffer is None:
+        buffer = torch.empty(B, *logits.shape[1:], dtype=logits.dtype, device=logits.device)
+    buffer[rows] = logits.detach()
+    return buffer
 
 
 @torch.no_grad()

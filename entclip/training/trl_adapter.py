@@ -35,6 +35,7 @@ from entclip.contracts.errors import EntclipError
 from entclip.core import registry, theory
 from entclip.training import objective
 from entclip.training.batch import Stats, derive_seed
+from entclip.training.parallel import gather_rows, token_figures
 from entclip.training.rollout import completion_logits
 
 # TRL 1.16's loss types whose aggregate this adapter was checked against (grpo_trainer._compute_loss).
@@ -96,26 +97,6 @@ def check_supported(cfg: Config, args: Any) -> None:
         raise EntclipError(
             f"filter_normalizer=all ({method.name}) with TRL's entropy bonus: TRL's bonus would still count the "
             "dropped tokens, entclip's does not; set filter_normalizer=kept or TRL's entropy_coef=0")
-
-
-def token_figures(accelerator, stats: Stats, mask: torch.Tensor) -> dict[str, float]:
-    """entropy/mean and disc/* of the generation batch's valid tokens (all processes, before any
-    update), as entclip's own engine logs them (parallel.batch_figures): TRL's own `entropy` is the
-    mean over its loss mask, so over the kept tokens once a filter drops some."""
-    valid = mask.bool()
-    cols = {"entropy/mean": stats.entropy, "disc/mean": stats.disc, "disc/baseline_mean": stats.baseline,
-            "disc/dev_mean": stats.disc - stats.baseline}
-    parts = []
-    for col in cols.values():
-        x = col[valid].double()
-        parts += [x.sum(), (x * x).sum()]
-    parts.append(valid.sum().double())
-    totals = accelerator.reduce(torch.stack(parts).to(accelerator.device), reduction="sum").tolist()
-    n = max(totals[-1], 1.0)
-    out = {name: totals[2 * i] / n for i, name in enumerate(cols)}
-    for name, i in (("disc/std", 1), ("disc/dev_std", 3)):  # population std, as batch_figures
-        out[name] = max(totals[2 * i + 1] / n - (totals[2 * i] / n) ** 2, 0.0) ** 0.5
-    return out
 
 
 @dataclass
@@ -195,7 +176,11 @@ class EntclipGRPOTrainer(GRPOTrainer):
                 out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
             else:  # only its policy term: advantage 0 on a dropped token
                 out["advantages"] = torch.where(keep, adv_tok.to(adv.dtype), torch.zeros_like(adv_tok, dtype=adv.dtype))
-        for name, value in {**token_figures(self.accelerator, stats, mask), **figures}.items():
+        # entropy/mean and disc/* over every valid token, as the own engine logs them (TRL's `entropy` is
+        # the mean over its loss mask: the kept tokens once a filter drops some).
+        g = lambda x: gather_rows(self.accelerator, x)  # noqa: E731
+        batch = token_figures(g(stats.entropy), g(stats.disc), g(stats.baseline), g(mask))
+        for name, value in {**batch, **figures}.items():
             self._metrics["train"][name].append(float(value))
         self.last_filtered = FilteredBatch(step, input_ids, attention_mask, completion_ids, mask, adv, stats,
                                            keep, figures)

@@ -69,8 +69,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from entclip.contracts.config import Config
-from entclip.contracts.rundir import EVAL, METRICS, RunDir, load_run, write_atomic
+from entclip.contracts.rundir import EVAL, METRICS, RunDir, write_atomic
 from entclip.core import registry
+from entclip.training.loop import library_versions, run_figures
 
 TRL_ARGS = "trl_args.json"
 PREFIX = "trl/"
@@ -185,27 +186,7 @@ class RunDirCallback(TrainerCallback):
 
     def summary(self, state) -> dict[str, Any]:
         """loop._finish's fields from the run directory's own files, with TRL's where entclip has none."""
-        import accelerate
-        import torch
-        import transformers
-
-        from entclip import __version__
-
         self.run.close()
-        loaded = load_run(self.run.path)
-        rows, evals = loaded.metrics, loaded.evals
-        entropies = [r["entropy/mean"] for r in rows if r.get("entropy/mean") is not None]
-        keys = ["reward/mean", "reward/accuracy", "entropy/mean", "clip/filter_frac", "disc/min_z_b",
-                "disc/min_z_v", "train/nonfinite_total"]
-        last = rows[-1] if rows else {}
-        versions = {"entclip": __version__, "torch": torch.__version__,
-                    "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-        try:
-            import trl
-
-            versions["trl"] = trl.__version__
-        except ImportError:  # a plain transformers Trainer
-            pass
         planned = state.max_steps if state.max_steps > 0 else self.cfg.steps
         return {
             "status": "completed" if state.global_step >= planned else "stopped",
@@ -213,10 +194,8 @@ class RunDirCallback(TrainerCallback):
             "wall_s": self._end_log.get(TRAIN_END, time.perf_counter() - self._t_start),
             "method": self.cfg.entropy_control, "engine": "trl", "model": self._model_name,
             "warm_start": None,
-            "final": {k: last.get(k) for k in keys},
-            "entropy": {"first": entropies[0], "last": entropies[-1], "min": min(entropies)} if entropies else None,
-            "eval_first": evals[0] if evals else None, "eval_last": evals[-1] if evals else None,
+            **run_figures(self.run.path),
             "checkpoint": None,  # TRL's checkpoints: trl_args.json's output_dir
             "trl": dict(self._end_log),  # transformers' end-of-training figures (train_runtime, train_loss, ...)
-            "versions": versions,
+            "versions": library_versions(),
         }
