@@ -179,10 +179,13 @@ class Trainer:
         with `resume` it is the run's checkpoint and the KL reference stays the run's own start.
         `wrap_sampler(sampler) -> Sampler`: given the default HFSampler, returns the sampler every
         rollout and evaluation of the run uses (its `sync_weights` is called after each step)."""
-        self.cfg = cfg
         self.session = open_session(cfg, run, log, model_path, wrap_sampler)
         self.learner = open_learner(self.session, model_path, resume)
         self.state = TrainState(entropy_coef=cfg.entropy_coef)
+
+    @property
+    def cfg(self):
+        return self.session.cfg
 
     def step(self, step: int, batch: Batch | None = None) -> dict[str, float]:
         return train_step(self.session, self.learner, self.state, step, batch)
