@@ -77,6 +77,9 @@ class MixedGroups(Sampler):
     def sync_weights(self, model) -> None:
         self.inner.sync_weights(model)
 
+    def close(self) -> None:
+        self.inner.close()
+
 
 def mixed_groups(sampler) -> MixedGroups:
     """The `wrap_sampler` for the engine: the run's HFSampler, with every group mixed."""

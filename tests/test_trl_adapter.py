@@ -179,3 +179,23 @@ def test_unsupported_settings_are_refused_by_name(tmp_path, sets, over, key):
     with pytest.raises(EntclipError) as err:
         EntclipGRPOTrainer(model="never-loaded", reward_funcs=[], args=grpo_args(tmp_path, **over), config=cfg)
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_templated_prompts_are_tokenized_as_the_own_engine_feeds_them(tiny, tmp_path):
+    """A dataset prompt that carries its chat template (add_special_tokens False) gets no BOS from TRL's
+    tokenization; otherwise TRL's own (the tokenizer's special tokens, as the built-in task's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entclip.training.trl_adapter import EntclipGRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny.path)
+    prompts = ["12+7=", "3+4="]
+    with_specials = tok(prompts)["input_ids"]
+    without = tok(prompts, add_special_tokens=False)["input_ids"]
+    assert with_specials != without, "the tokenizer adds no special token: the test has no teeth"
+    for add, expected in ((True, with_specials), (False, without)):
+        trainer = EntclipGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny.path), reward_funcs=tiny.reward,
+                                     args=grpo_args(tmp_path), train_dataset=tiny.ds, processing_class=tok,
+                                     config=resolve(sets=tiny_sets()), add_special_tokens=add)
+        ids, images, extra = trainer._tokenize_prompts(prompts)
+        assert [list(x) for x in ids] == expected and images is None and not extra

@@ -42,6 +42,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help=config_help("lr")),
     group_size: Optional[int] = typer.Option(None, help=config_help("group_size")),
     entropy_control: Optional[str] = typer.Option(None, help=config_help("entropy_control")),
+    engine: Optional[str] = typer.Option(None, help=config_help("engine")),
     out_dir: Optional[str] = typer.Option(None, help=config_help("out_dir")),
     name: Optional[str] = typer.Option(None, help=config_help("name")),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and plan, then exit"),
@@ -56,7 +57,7 @@ def train(
     """Run GRPO (default: the embedded tiny task on CPU, offline, in minutes)."""
     with user_errors():
         flags = dict(steps=steps, seed=seed, lr=lr, group_size=group_size,
-                     entropy_control=entropy_control, out_dir=out_dir, name=name)
+                     entropy_control=entropy_control, engine=engine, out_dir=out_dir, name=name)
         if help_config:
             runs.print_config_keys()
         elif resume is not None:

@@ -42,6 +42,8 @@ class Progress:
             print(message, flush=True)
 
     def step(self, step: int, m: dict) -> None:
+        m = {k: m.get(k, float("nan")) for k in ("reward/mean", "entropy/mean", "clip/filter_frac", "reward/accuracy",
+                                                  "perf/step_s")}  # a TRL run's row may lack some
         figures = (f"reward={m['reward/mean']:.3f} entropy={m['entropy/mean']:.4f} "
                    f"filter={m['clip/filter_frac']:.4f}")
         if self._bar is not None:

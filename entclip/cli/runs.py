@@ -100,8 +100,11 @@ def start_run(cfg, path: Path, *, overwrite: bool = False, resume: bool = False,
     """
     from entclip.cli.console import Progress
     from entclip.contracts.rundir import RunDir, latest_checkpoint
-    from entclip.training.loop import train
 
+    if cfg.engine == "trl":
+        from entclip.training.trl_engine import train_trl as train
+    else:
+        from entclip.training.loop import train
     procs = Processes(cfg)
     path = Path(procs.agree(str(path)))
     opened = procs.main_first(lambda: _open(cfg, path, overwrite, resume))
@@ -109,7 +112,7 @@ def start_run(cfg, path: Path, *, overwrite: bool = False, resume: bool = False,
     try:
         with Progress(cfg.steps, quiet=quiet or not procs.main, log_every=cfg.log_every) as progress:
             summary = train(cfg, run, log=progress.log if procs.main else _silent, on_step=progress.step,
-                            resume_from=ckpt)
+                            **({"resume_from": ckpt} if cfg.engine == "entclip" else {}))
     except BaseException:
         if not resume:
             _discard_if_empty(run, procs.main)
@@ -165,8 +168,13 @@ def train_one(preset: str | None, config: str | None, flags: dict, sets: list[st
     check_task(cfg)
     warn_inert(cfg)
     path = run_path(cfg)
+    trl_args = check_engine(cfg, path)
     if dry_run:
         typer.echo("# resolved config\n" + cfg.to_yaml() + "# plan\n" + plan(cfg, path))
+        if trl_args is not None:
+            from entclip.training.trl_engine import describe
+
+            typer.echo("# TRL GRPOConfig (engine trl; docs/trl.md maps every key)\n" + describe(cfg, trl_args))
         dry_run_checks(cfg)
         return
     check_sources(cfg)  # before the run directory exists: nothing is left behind
@@ -208,6 +216,7 @@ def sweep(seeds: str | None, presets: str | None, preset: str | None, config: st
             runs.append(cfg)
     for cfg in runs:  # refuse before any run starts
         check_packages(cfg)
+        check_engine(cfg, Path(cfg.out_dir) / cfg.name)
     procs.main_first(lambda: [_refuse_existing(Path(cfg.out_dir) / cfg.name, overwrite) for cfg in runs])
     if dry_run:
         typer.echo(f"# sweep: {len(runs)} runs under {group}")
@@ -235,6 +244,9 @@ def resume(path: Path, quiet: bool, given: dict[str, Any]) -> None:
     if not (path / CONFIG).exists():
         RunDir.reopen(path)  # refuses it (no such directory, or not a run directory) before touching anything
     cfg = resolve(config_file=str(path / CONFIG))
+    if cfg.engine == "trl":
+        raise EntclipError(f"--resume {path}: an engine trl run keeps TRL's checkpoints in {path / 'trl'}, which "
+                           "entclip does not resume; start a new run (with save_every for TRL checkpoints)")
     check_packages(cfg)  # before reopen trims the run's files
     ckpt = latest_checkpoint(path)
     if ckpt is not None and checkpoint_step(ckpt) >= cfg.steps:
@@ -298,10 +310,23 @@ def check_packages(cfg) -> None:
     from entclip.training.trackers import check_installed
 
     check_installed(cfg.report_to)
+    if cfg.sampler == "vllm":  # both engines: TRL's colocated vLLM needs the package too
+        from entclip.training.vllm_sampler import require_vllm
+
+        require_vllm()
     if cfg.lora_r > 0:
         from entclip.data.models import require_peft
 
         require_peft()
+
+
+def check_engine(cfg, path: Path):
+    """engine trl: its refusals before anything is written (trl_engine.check); the GRPOConfig, or None."""
+    if cfg.engine != "trl":
+        return None
+    from entclip.training.trl_engine import check
+
+    return check(cfg, world_size(), str(path / "trl"))
 
 
 def dry_run_checks(cfg) -> None:

@@ -39,6 +39,12 @@ class Config:
     seed: int = _f(0, "the one seed: sampling, data order and init all derive from it")
     threads: int = _f(1, "torch intra-op threads (0 = torch's default); 1 is fastest for tiny models")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train; auto lets accelerate choose")
+    engine: Literal["entclip", "trl"] = _f(
+        "entclip", "training engine: entclip (its own GRPO loop) or trl (TRL's GRPOTrainer with entclip's token "
+        "filters and instruments; pip install 'entclip[trl]'; docs/trl.md maps every key)")
+    trl: dict = field(default_factory=dict, metadata={"help": (
+        "engine trl: TRL GRPOConfig fields passed through as they are, e.g. --set trl.use_vllm=true "
+        "(a field an entclip key sets is refused: set the entclip key)")})
     steps: int = _f(200, "training steps (one rollout batch and its optimizer updates each)")
     log_every: int = _f(10, "console line / progress refresh cadence in steps")
     eval_every: int = _f(100, "held-out evaluation cadence in steps (0 = only at the end)")
@@ -95,7 +101,31 @@ class Config:
     micro_batch_size: int | None = _f(None, "sequences per forward/backward; gradients accumulate up to "
                                       "the minibatch (null = the whole minibatch)")
     generation_batch_size: int | None = _f(None, "sequences per generate call (null = the whole rollout batch)")
-    sampler: Literal["hf"] = _f("hf", "sampling backend (hf = transformers generate with the KV cache)")
+    sampler: Literal["hf", "vllm"] = _f(
+        "hf", "sampling backend: hf = transformers generate with the KV cache; vllm = a colocated vLLM engine "
+        "(pip install 'entclip[vllm]'; docs/vllm.md), synced after every step that updated the policy, its log-probs "
+        "used only by rollout_is")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "sampler vllm: the engine's dtype (auto = the trainer's forward: float32 for fp32, bfloat16 for bf16)")
+    vllm_gpu_memory_utilization: float = _f(
+        0.3, "sampler vllm: share of the GPU's memory the engine may take beside the trainer (weights, activations, "
+        "KV cache); on CPU the share of RAM it must find free at start-up")
+    vllm_kv_cache_gb: float | None = _f(None, "sampler vllm: KV cache size in GiB (null = 1 on CPU; on a GPU, "
+                                        "what vllm_gpu_memory_utilization leaves)")
+    vllm_enforce_eager: bool = _f(True, "sampler vllm: no CUDA graphs or torch.compile (start-up ~5 s instead of "
+                                  "~35 s on CPU); false is faster per token on a GPU")
+    vllm_max_model_len: int | None = _f(None, "sampler vllm: longest prompt + completion the engine holds (null = "
+                                        "max_prompt_tokens + max_new_tokens, at most the model's own limit)")
+    rollout_is: Literal["none", "token_truncate", "sequence_mask"] = _f(
+        "token_truncate", "rollout/trainer mismatch correction, when the sampler reports its log-probs (vllm): "
+        "token_truncate weighs each token's policy term by min(pi_train / pi_rollout, rollout_is_threshold) "
+        "(verl's TIS); sequence_mask weighs each sequence by its ratio and zeroes those outside "
+        "[rollout_is_threshold_lower, rollout_is_threshold] (TRL's default mode); none = only measure it")
+    rollout_is_threshold: float | None = _f(
+        None, "rollout_is's upper bound C (null = the reference's: 2.0 for token_truncate, verl's rollout_is_threshold; "
+        "3.0 for sequence_mask, TRL's vllm_importance_sampling_clip_max)")
+    rollout_is_threshold_lower: float | None = _f(
+        None, "sequence_mask: also zero sequences whose ratio is below this (null = no lower bound, as TRL)")
     tiny_hidden: int = _f(128, "tiny model: hidden size")
     tiny_layers: int = _f(4, "tiny model: transformer layers")
     tiny_heads: int = _f(4, "tiny model: attention heads")
@@ -183,6 +213,13 @@ class Config:
     @property
     def agg_constant(self) -> int:
         return self.loss_agg_constant or self.max_new_tokens
+
+    @property
+    def is_threshold(self) -> float:
+        """rollout_is's upper bound: rollout_is_threshold, or its mode's reference default."""
+        if self.rollout_is_threshold is not None:
+            return self.rollout_is_threshold
+        return 3.0 if self.rollout_is == "sequence_mask" else 2.0
 
     @property
     def method(self) -> registry.Method:
@@ -306,6 +343,19 @@ def _validate(c: Config) -> None:
     _need(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha}: must be positive; set --set lora_alpha=8")
     _need(bool(c.lora_target_modules.strip(",").strip()),
           "lora_target_modules is empty; set --set lora_target_modules=all-linear")
+    _need(0 < c.vllm_gpu_memory_utilization <= 1, f"vllm_gpu_memory_utilization={c.vllm_gpu_memory_utilization}: "
+          "a share of the device's memory in (0, 1]; set --set vllm_gpu_memory_utilization=0.3")
+    _need(c.vllm_kv_cache_gb is None or c.vllm_kv_cache_gb > 0,
+          f"vllm_kv_cache_gb={c.vllm_kv_cache_gb}: GiB, must be positive or null; set --set vllm_kv_cache_gb=1")
+    _need(c.vllm_max_model_len is None or c.vllm_max_model_len > c.max_new_tokens,
+          f"vllm_max_model_len={c.vllm_max_model_len}: must exceed max_new_tokens={c.max_new_tokens} (prompt + "
+          "completion); set it null")
+    _need(c.rollout_is_threshold is None or c.rollout_is_threshold > 1,
+          f"rollout_is_threshold={c.rollout_is_threshold}: an upper bound on pi_train / pi_rollout must be above 1; "
+          "set --set rollout_is_threshold=2.0 (or null for the mode's default)")
+    _need(c.rollout_is_threshold_lower is None or 0 <= c.rollout_is_threshold_lower < c.is_threshold,
+          f"rollout_is_threshold_lower={c.rollout_is_threshold_lower}: must be in [0, {c.is_threshold}) (below "
+          "rollout_is_threshold); e.g. --set rollout_is_threshold_lower=0.5")
     _need(isinstance(c.report_to, tuple) and all(t in TRACKERS for t in c.report_to),
           f"report_to={c.report_to!r}: choose none or from {', '.join(TRACKERS)} (a tuple of names)")
 
@@ -353,6 +403,18 @@ def inert_settings(c: Config) -> list[str]:
             for k in c.method.ignores if changed(k)]
     out += [f"entropy_control={method} without {k}: {why}" for k, why in c.method.expects
             if getattr(c, k) is None]
+    if c.sampler != "vllm":
+        out += [f"{k}={getattr(c, k)} has no effect with sampler={c.sampler} (it sets the vLLM engine)"
+                for k in FIELDS if k.startswith("vllm_") and changed(k)]
+        out += [f"{k}={getattr(c, k)} has no effect with sampler={c.sampler}: its rollouts come from the trainer's "
+                "own weights, so there is no mismatch to correct" for k in FIELDS if k.startswith("rollout_is")
+                and changed(k)]
+    elif c.rollout_is == "none":
+        out += [f"{k}={getattr(c, k)} has no effect with rollout_is=none (the mismatch is only measured)"
+                for k in ("rollout_is_threshold", "rollout_is_threshold_lower") if changed(k)]
+    elif c.rollout_is != "sequence_mask" and changed("rollout_is_threshold_lower"):
+        out.append(f"rollout_is_threshold_lower={c.rollout_is_threshold_lower} has no effect with "
+                   f"rollout_is={c.rollout_is} (only sequence_mask has a lower bound)")
     if changed("loss_agg_constant") and c.loss_agg != "constant":
         out.append(f"loss_agg_constant={c.loss_agg_constant} has no effect with loss_agg={c.loss_agg}")
     for k in ("accounting_every", "accounting_unit"):
@@ -380,6 +442,8 @@ def _coerce(name: str, value: Any) -> Any:
         return _coerce_eval_sets(value)
     if name == "report_to":
         return _coerce_report_to(value)
+    if name == "trl":
+        return _coerce_trl(value)
     if name == "lora_target_modules" and isinstance(value, (list, tuple)):  # a YAML list of names
         if not all(isinstance(t, str) for t in value):
             raise EntclipError(f"lora_target_modules={value!r}: expected module names, e.g. [q_proj, v_proj]")
@@ -458,6 +522,19 @@ def _coerce_eval_sets(value: Any) -> tuple:
     return tuple(out)
 
 
+def _coerce_trl(value: Any, source: str = "trl") -> dict[str, Any]:
+    """TRL GRPOConfig fields by name (checked against TRL's own fields when a TRL run starts)."""
+    if value is None or value == "":
+        return {}
+    if not isinstance(value, dict):
+        raise EntclipError(f"trl={value!r} in {source}: expected a mapping of GRPOConfig fields, "
+                           "e.g. trl: {{use_vllm: true}} or --set trl.use_vllm=true")
+    for name in value:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise EntclipError(f"trl.{name} in {source}: not a GRPOConfig field name; e.g. --set trl.use_vllm=true")
+    return dict(value)
+
+
 def _coerce_report_to(value: Any) -> tuple[str, ...]:
     """none / one name / "a,b" / a YAML list -> a tuple of tracker names, in order, each once."""
     if value is None:
@@ -491,8 +568,14 @@ def _check_keys(data: dict[str, Any], source: str) -> None:
 
 
 def _merge(base: dict[str, Any], layer: dict[str, Any], source: str) -> dict[str, Any]:
+    """`layer` over `base`; `trl.NAME` keys (and a `trl` mapping) add to the TRL fields below them."""
+    passed = {k.split(".", 1)[1]: v for k, v in layer.items() if isinstance(k, str) and k.startswith("trl.")}
+    layer = {k: v for k, v in layer.items() if not (isinstance(k, str) and k.startswith("trl."))}
     _check_keys(layer, source)
-    return {**base, **{k: _coerce(k, v) for k, v in layer.items()}}
+    out = {**base, **{k: _coerce(k, v) for k, v in layer.items()}}
+    if "trl" in layer or passed:
+        out["trl"] = {**base.get("trl", {}), **out.get("trl", {}), **_coerce_trl(passed, source)}
+    return out
 
 
 # ---- sources -----------------------------------------------------------------------------

@@ -89,6 +89,7 @@ class Prepared:
     plan: Plan                         # the step's epochs x minibatches x micro-batches
     account: Any                       # accounting.StepAccount on an accounted step, else None
     first: FirstForward | None         # the forward of plan[0][0][0], for the first update's first micro-batch
+    is_weight: torch.Tensor | None = None  # (B, T) the rollout correction's weights (objective.rollout_correction)
 
 
 def minibatch_plan(cfg, step: int, n_rows: int, device) -> Plan:

@@ -13,6 +13,8 @@ accounted step, the step's Timings, the TrainState) are passed explicitly.
   per micro-batch before any update; the first micro-batch's forward is the first update's too.
 - filter (objective.batch_filter): a rollout-scope method's keep-mask over the whole batch (gathered
   across processes); micro-batch-scope methods select inside each update instead.
+- correct (objective.rollout_correction): with a sampler that has its own weights (vLLM), its log-probs
+  against the trainer's (sampling/*) and the importance weights of rollout_is on the policy term.
 - update (update.py): epochs x minibatches optimizer updates; micro-batches accumulate gradients.
 - account (accounting.py): predicted vs measured entropy change, on the accounted steps.
 - log: metrics.jsonl (and samples.jsonl, filter.jsonl), from the main process.
@@ -68,11 +70,17 @@ def train_step(session: Session, learner: Learner, state: TrainState, step: int,
     timings.filter_s = time.perf_counter() - t_filter
     if cfg.log_filter:
         log_filter(session, batch, keep)
+    # A sampler with its own weights (vLLM): how far its log p is from the trainer's, and the weights
+    # that correct for it (rollout_is). The filter above read only the trainer's statistics.
+    is_weight, mismatch = objective.rollout_correction(cfg, session.accelerator, stats.old_logp,
+                                                       batch.rollout.logp, batch.mask)
     with record_function("update"):
-        upd = update(session, learner, state, Prepared(batch, stats, keep, plan, account, first), timings)
-    session.sampler.sync_weights(session.policy)
+        upd = update(session, learner, state, Prepared(batch, stats, keep, plan, account, first, is_weight), timings)
+    if upd["train/updates"]:  # the policy changed: the sampler follows (no copy to refresh for HFSampler)
+        session.sampler.sync_weights(session.policy)
     acct = account_step(session, batch, stats, account, timings)
-    return log_step(session, state, batch, stats, {**filt, **upd, **acct}, timings, t0, t_roll, account is not None)
+    return log_step(session, state, batch, stats, {**filt, **mismatch, **upd, **acct}, timings, t0, t_roll,
+                    account is not None)
 
 
 def collect(session: Session, step: int) -> Batch:

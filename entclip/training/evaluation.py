@@ -106,3 +106,4 @@ def evaluate_model(cfg, model_path: str | None, step: int = 0) -> tuple[dict[str
         return evaluate(session, step), session.tasks.eval_sets
     finally:
         session.rewards.close()
+        session.sampler.close()

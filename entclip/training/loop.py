@@ -52,6 +52,7 @@ def train(cfg: Config, run: RunDir, log: Log = print, on_step: OnStep = lambda s
                       lambda: wall_before + time.perf_counter() - t_start, fresh=resume_from is None)
     finally:
         trackers.finish()
+        trainer.session.sampler.close()
 
 
 def _steps(cfg: Config, run: RunDir, trainer: Trainer, trackers: Trackers, log: Log, on_step: OnStep,

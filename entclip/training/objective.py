@@ -14,6 +14,9 @@ as positional arguments and each declared key as the keyword the declaration nam
   method's loss (KL-Cov), the optional dual clip, a weight method's weights (STEER), the keep-mask
   and the k3 KL to the reference.
 - `loss_masks`: which tokens the normalizer, the KL and the entropy bonus count (filter_normalizer).
+- `rollout_correction`, once before the first update when the sampler reported its own log-probs
+  (vLLM): the mismatch figures and the importance weights (rollout_is) token_terms puts on the
+  policy term. The filters never read the sampler's log-probs: only the trainer's (Stats).
 - `update_reads_entropy`: whether the update needs the current forward's entropy.
 Metric names: `clip/filter_frac*` for any keep-mask, `clip/<method>_frac` for per-update selections,
 `clip/<method>_w_min/max` for weights.
@@ -26,10 +29,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from entclip.core import losses, registry, theory
+from entclip.core import losses, mismatch, registry, theory
 from entclip.contracts.config import Config
 from entclip.training.parallel import gather_rows, own_rows
-from entclip.contracts.metrics import Max, Mean, Metric, Min
+from entclip.contracts.metrics import Max, Mean, Metric, Min, reduce
 
 
 def _kwargs(cfg: Config, part: registry.Method) -> dict[str, Any]:
@@ -143,6 +146,24 @@ def loss_masks(cfg: Config, mask: torch.Tensor, keep: torch.Tensor) -> tuple[tor
     return (kept if cfg.normalizer == "kept" else m), (m if cfg.method.detach_only else kept)
 
 
+def rollout_correction(cfg: Config, accelerator, old_logp: torch.Tensor, rollout_logp: torch.Tensor | None,
+                       mask: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, float]]:
+    """The rollout correction's weights (B, T) (None: no correction) and the mismatch figures over all
+    processes, `sampling/*`; nothing at all when the sampler reported no log-probs (HFSampler: the
+    trainer's own weights sampled, there is no mismatch)."""
+    if rollout_logp is None:
+        return None, {}
+    weights, corrected = mismatch.importance_weights(old_logp, rollout_logp, mask, cfg.rollout_is,
+                                                     cfg.is_threshold, cfg.rollout_is_threshold_lower)
+    st = mismatch.mismatch_stats(old_logp, rollout_logp, mask, corrected)
+    n = st["n"]
+    figures: dict[str, Metric] = {
+        "sampling/logp_diff_mean": Mean(st["logp_diff_mean"], n), "sampling/logp_diff_max": Max(st["logp_diff_max"]),
+        "sampling/is_ratio_min": Min(st["is_ratio_min"]), "sampling/is_ratio_mean": Mean(st["is_ratio_mean"], n),
+        "sampling/is_ratio_max": Max(st["is_ratio_max"]), "sampling/is_corrected_frac": Mean(st["is_corrected_frac"], n)}
+    return weights, reduce(accelerator, figures)
+
+
 @dataclass
 class TokenTerms:
     """One update's per-token loss and what the entropy accounting needs to know about it."""
@@ -151,18 +172,20 @@ class TokenTerms:
     surrogate: torch.Tensor   # (b, T) the policy term alone, before keep and weights (for loss/policy)
     ratio: torch.Tensor       # (b, T)
     zero_grad: torch.Tensor   # (b, T) bool: tokens whose policy gradient is zero (clipped)
-    weights: torch.Tensor | None  # (b, T) per-token weights (STEER), already in `loss`
+    weights: torch.Tensor | None  # (b, T) per-token weights (STEER, the rollout correction), already in `loss`
     kl: torch.Tensor          # (b, T) k3 KL to the reference (0 without one)
     stats: dict[str, Metric]  # shares of the valid tokens (Mean weighted by them), weight extremes (Min/Max)
 
 
 def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
                 ref_logp: torch.Tensor | None, entropy: torch.Tensor | None,
-                mask: torch.Tensor, keep: torch.Tensor | None = None) -> TokenTerms:
+                mask: torch.Tensor, keep: torch.Tensor | None = None,
+                is_weight: torch.Tensor | None = None) -> TokenTerms:
     """Per-token loss of one micro-batch, tensors (b, T): `mask` the valid tokens (the scope of
     KL-Cov's top-k and STEER's range), `keep` the filter's keep-mask (None: every token), entropy
     (detached) when the method reads it (`update_reads_entropy`: STEER). A loss-term method (KL-Cov)
-    replaces the clipped surrogate, then the dual clip caps it, then a weight method (STEER) scales it.
+    replaces the clipped surrogate, then the dual clip caps it, then a weight method (STEER) scales it,
+    then the rollout correction's importance weight `is_weight` (rollout_correction; not the KL term).
     Fractions in `stats` are over the valid tokens and weigh by them when micro-batches and processes combine."""
     valid = mask.bool()
     n_valid = int(valid.sum())
@@ -190,6 +213,8 @@ def token_terms(cfg: Config, logp: torch.Tensor, old_logp: torch.Tensor, adv: to
         weights = _call(method, source, _kwargs(cfg, method))
         stats[f"clip/{method.name}_w_min"] = Min(float(weights[valid].min()) if valid.any() else 1.0)
         stats[f"clip/{method.name}_w_max"] = Max(float(weights[valid].max()) if valid.any() else 1.0)
+    if is_weight is not None:  # counted with the weights: the accounting weighs each token's term by them
+        weights = is_weight if weights is None else weights * is_weight
     loss = policy if weights is None else policy * weights
     if keep is not None:  # a dropped token's policy term is exactly zero, and so is its gradient
         loss = torch.where(keep.bool(), loss, torch.zeros_like(loss))

@@ -147,6 +147,7 @@ def predict(cfg: Config, model_path: str | None, problems: list[Problem], apply:
             applied = account_step(session, batch, stats, account, timings)
     finally:
         session.rewards.close()
+        session.sampler.close()
     return Prediction(records, totals, applied)
 
 

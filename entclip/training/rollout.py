@@ -25,6 +25,10 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
     prompts: list[str]             # (B,) prompt text per row
     completions: list[str]         # (B,) decoded completion per row, specials removed
+    # (B, T) the sampler's own log p of each completion token at temperature T, 0 on padding: a backend
+    # with its own copy of the weights (vLLM) reports it for the mismatch correction; None when the
+    # trainer's own model sampled (HFSampler), whose log p the statistics pass recomputes exactly.
+    logp: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -137,6 +141,10 @@ class Sampler:
     def sync_weights(self, model) -> None:
         """Called after the policy's parameters changed."""
 
+    def close(self) -> None:
+        """Called when the session's work is done (the end of a run, an evaluation, a prediction): a
+        backend with an engine of its own shuts it down while the process group it uses still exists."""
+
 
 class HFSampler(Sampler):
     """transformers' generate with the KV cache, over the live training model (nothing to sync).
@@ -210,7 +218,8 @@ def concat_rollouts(parts: list["Rollout"], pad_id: int) -> "Rollout":
                    completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in parts]),
                    completion_mask=torch.cat([right(r.completion_mask, 0) for r in parts]),
                    prompts=[p for r in parts for p in r.prompts],
-                   completions=[c for r in parts for c in r.completions])
+                   completions=[c for r in parts for c in r.completions],
+                   logp=None if any(r.logp is None for r in parts) else torch.cat([right(r.logp, 0.0) for r in parts]))
 
 
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

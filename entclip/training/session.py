@@ -108,6 +108,10 @@ def open_session(cfg: Config, run: RunDir | None, log: Log, model_path: str | No
     from entclip.training.plan import resolve_precision
 
     quiet_libraries()
+    if cfg.sampler == "vllm":  # before any model loads: a missing vLLM is one line naming the fix
+        from entclip.training.vllm_sampler import require_vllm
+
+        require_vllm()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -138,8 +142,13 @@ def open_session(cfg: Config, run: RunDir | None, log: Log, model_path: str | No
             _enable_checkpointing(model.get_base_model() if lora else model)
     session = Session(cfg, accelerator, model, tokenizer, warm_start, precision, autocast, lora, tasks,
                       sampler=None, rewards=rewards, run_dir=run, log=log)  # type: ignore[arg-type]
-    default = SAMPLERS[cfg.sampler](lambda: session.policy, tokenizer, tasks.add_special_tokens, autocast,
-                                    cfg.generation_batch_size)
+    if cfg.sampler == "vllm":  # a colocated engine over a copy of the policy; vLLM is imported only here
+        from entclip.training.vllm_sampler import VLLMSampler
+
+        default = VLLMSampler(cfg, session.policy, tokenizer, tasks.add_special_tokens, precision)
+    else:
+        default = SAMPLERS[cfg.sampler](lambda: session.policy, tokenizer, tasks.add_special_tokens, autocast,
+                                        cfg.generation_batch_size)
     session.sampler = default if wrap_sampler is None else wrap_sampler(default)
     return session
 

@@ -27,15 +27,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import warnings
+
 import torch
 from trl import GRPOTrainer
+
+# TRL 1.16 reads transformers' deprecated is_gradient_checkpointing on every generation: not the user's to fix.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from entclip.contracts.config import FIELDS, Config
 from entclip.contracts.errors import EntclipError
 from entclip.core import registry, theory
 from entclip.training import objective
+from entclip.training.accounting import quadrants
 from entclip.training.batch import Stats, derive_seed
-from entclip.training.parallel import gather_rows, token_figures
+from entclip.training.parallel import filter_rows, gather_rows, token_figures
 from entclip.training.rollout import completion_logits
 
 # TRL 1.16's loss types whose aggregate this adapter was checked against (grpo_trainer._compute_loss).
@@ -58,16 +64,19 @@ def check_supported(cfg: Config, args: Any) -> None:
         raise EntclipError(
             f"filter_scope={cfg.scope} ({method.name}): the TRL path selects once per generation batch; "
             "set filter_scope=rollout, or use TRL's own top_entropy_quantile for 80/20 per micro-batch")
+    # entclip keys TRL honours only through its own fields: fine when `args` carries the same value.
+    carried = {"entropy_coef": lambda a: a.entropy_coef == cfg.entropy_coef,
+               "entropy_target": lambda a: a.use_adaptive_entropy and a.entropy_target == cfg.entropy_target,
+               "kl_coef": lambda a: a.beta == cfg.kl_coef}
     own_only = {"dual_clip_c": "TRL has no dual clip (its `delta` is another clamp)",
                 "entropy_coef": "set TRL's GRPOConfig entropy_coef instead",
                 "entropy_target": "set TRL's GRPOConfig use_adaptive_entropy and entropy_target instead",
                 "kl_coef": "set TRL's GRPOConfig beta instead"}
     for key, fix in own_only.items():
-        if getattr(cfg, key) != FIELDS[key].default:
-            raise EntclipError(f"{key}={getattr(cfg, key)}: entclip's own engine applies it, the TRL path "
-                               f"does not; {fix} and drop {key}")
-    if cfg.log_filter:
-        raise EntclipError("log_filter: filter.jsonl is not written on the TRL path yet; drop log_filter")
+        if getattr(cfg, key) == FIELDS[key].default or (args is not None and key in carried and carried[key](args)):
+            continue
+        raise EntclipError(f"{key}={getattr(cfg, key)}: entclip's own engine applies it, the TRL path "
+                           f"does not; {fix} and drop {key}")
     if args is None:
         return
     if args.temperature != cfg.temperature:
@@ -121,13 +130,25 @@ class EntclipGRPOTrainer(GRPOTrainer):
     argument but `config` is TRL's. Unsupported settings raise EntclipError before TRL loads anything.
     """
 
-    def __init__(self, *args: Any, config: Config, **kwargs: Any):
+    def __init__(self, *args: Any, config: Config, add_special_tokens: bool = True, **kwargs: Any):
         trl_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         check_supported(config, trl_args)
         super().__init__(*args, **kwargs)
         check_supported(config, self.args)  # TRL's defaults, when no GRPOConfig was given
         self.entclip_config = config
+        self.add_special_tokens = add_special_tokens
         self.last_filtered: FilteredBatch | None = None
+        self.filter_rows: list[dict] = []  # log_filter: the last generation batch's filter.jsonl rows (all processes)
+
+    def _tokenize_prompts(self, prompts: list):
+        """Text prompts that already carry a chat template (add_special_tokens False, as entclip's dataset
+        prompts): tokenized without the tokenizer's special tokens, as the own engine feeds them (TRL's
+        default would add a BOS token before the template's own)."""
+        from trl.data_utils import is_conversational
+
+        if self.add_special_tokens or is_conversational({"prompt": prompts[0]}):
+            return super()._tokenize_prompts(prompts)
+        return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
 
     @torch.no_grad()
     def _token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -180,8 +201,24 @@ class EntclipGRPOTrainer(GRPOTrainer):
         # the mean over its loss mask: the kept tokens once a filter drops some).
         g = lambda x: gather_rows(self.accelerator, x)  # noqa: E731
         batch = token_figures(g(stats.entropy), g(stats.disc), g(stats.baseline), g(mask))
+        # The quadrants' shares (A > 0 / < 0 x S* - E_p[S] > 0 / < 0) over every valid token; their predicted
+        # entropy changes (quad/*_pred) need the own engine's accounting passes and are not logged here.
+        deviation = g(stats.disc - stats.baseline)
+        quads = quadrants(deviation, g(adv_tok), g(mask), torch.zeros_like(deviation))
+        batch.update({f"quad/{name}_share": share for name, (share, _) in quads.items()})
         for name, value in {**batch, **figures}.items():
             self._metrics["train"][name].append(float(value))
         self.last_filtered = FilteredBatch(step, input_ids, attention_mask, completion_ids, mask, adv, stats,
                                            keep, figures)
+        if cfg.log_filter:  # rows keyed by the row's place in the generation batch: (group, sample)
+            n, G = completion_ids.shape[0], self.num_generations
+            first = self.accelerator.process_index * n
+            self.filter_rows = filter_rows(self.accelerator, step // self.updates_per_generation() + 1,
+                                           completion_ids, keep, mask,
+                                           [divmod(first + b, G) for b in range(n)])
         return out
+
+    def updates_per_generation(self) -> int:
+        """Optimizer steps per generation batch: entclip's epochs x minibatches."""
+        a = self.args
+        return max(a.steps_per_generation * a.num_iterations // a.gradient_accumulation_steps, 1)

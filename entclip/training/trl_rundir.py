@@ -9,11 +9,14 @@ that `entclip analyze` and `entclip compare` read (contracts/rundir.py), from th
   `max_steps` (the run's length is TRL's); `resolve(config_file=...)` reads it back. TRL's own
   arguments go beside it, as trl_args.json (`args.to_dict()`).
 - metrics.jsonl: one row per TRL log (`logging_steps=1`: one per optimizer step; more: TRL's average
-  over the window), `step` = TRL's global step, TRL's keys under entclip's names where the meaning is
-  the same (the table below), every other key under `trl/` (never dropped).
-- eval.jsonl: one row per TRL evaluation (on_evaluate), `step` = the global step, TRL's `eval_X`
-  as `trl/X` (TRL's eval reward is a mean reward of sampled completions, not entclip's per-set
-  greedy_acc / avg@k / pass@k, so compare's held-out columns stay empty for a TRL run).
+  over the window), `step` = TRL's global step / `updates_per_step` (engine trl: epochs x minibatches,
+  with logging_steps the same, so one row per entclip step), TRL's keys under entclip's names where
+  the meaning is the same (the table below), every other key under `trl/` (never dropped).
+- eval.jsonl: one row per TRL evaluation (on_evaluate), TRL's `eval_X` as `trl/X` (TRL's eval reward
+  is a mean reward of sampled completions, not entclip's per-set greedy_acc / avg@k / pass@k; engine
+  trl runs entclip's own evaluation instead, which writes its rows itself).
+- samples.jsonl and filter.jsonl, when given `samples` / `filter_rows` (engine trl: trl_engine.py and
+  the adapter's log_filter rows), after each metrics row.
 - summary.json at on_train_end: loop._finish's fields where they make sense, plus "engine": "trl".
 
 TRL 1.16 (grpo_trainer.py, transformers' Trainer) key -> entclip key, where the meaning is the same:
@@ -54,9 +57,11 @@ TRL 1.16 (grpo_trainer.py, transformers' Trainer) key -> entclip key, where the 
 TRL averages each of its figures over the micro-batches of a log window (not weighted by tokens), so
 with several micro-batches per step the shares and means above are near, not equal, to a
 token-weighted mean. The adapter's figures come once per generation batch: with
-steps_per_generation > 1 only the rows of the steps that generated carry them. Not written on this
-path: reward/accuracy (TRL's rewards carry no correctness), the quadrants and the entropy accounting,
-samples.jsonl, filter.jsonl, entclip checkpoints (TRL's own checkpoints stay in its output_dir).
+steps_per_generation > 1 and logging_steps = 1 only the rows of the steps that generated carry them.
+reward/accuracy and reward/*_mean come from entclip's reward function (trl_engine.EntclipReward, TRL's
+log_metric); a TRL reward of one's own has none. Not written on this path: the entropy accounting and
+the quadrants' predicted changes (their shares are the adapter's), entclip checkpoints (TRL's own
+checkpoints stay in its output_dir).
 """
 
 from __future__ import annotations
@@ -64,16 +69,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
 from entclip.contracts.config import Config
-from entclip.contracts.rundir import EVAL, METRICS, RunDir, write_atomic
+from entclip.contracts.rundir import CONFIG, EVAL, METRICS, SAMPLES, RunDir, write_atomic
 from entclip.core import registry
 from entclip.training.loop import library_versions, run_figures
 
 TRL_ARGS = "trl_args.json"
+FILTER = "filter.jsonl"
 PREFIX = "trl/"
 # TRL's key -> entclip's, where the meaning is the same whatever the run's method.
 SAME = {"reward": "reward/mean", "reward_std": "reward/std", "completions/mean_length": "length/mean",
@@ -101,7 +107,7 @@ def entclip_row(logs: dict[str, Any], *, filtered: bool, group_zero_std: bool) -
             out[LOSS_MASK[key]] = value
         elif key == "frac_reward_zero_std" and group_zero_std:
             out["reward/zero_var_frac"] = value
-        elif "/" in key and key.split("/", 1)[0] in ("disc", "clip", "entropy", "quad"):
+        elif "/" in key and key.split("/", 1)[0] in ("disc", "clip", "entropy", "quad", "reward"):
             out[key] = value  # entclip's own names (the adapter's), TRL has none of these prefixes
         else:
             trl[PREFIX + key] = value
@@ -116,8 +122,15 @@ class RunDirCallback(TrainerCallback):
     Only the main process writes; under several processes make the directory on the main one
     (`RunDir.create(path)`) and hand the others `RunDir(path)`, as cli/runs.start_run does for train."""
 
-    def __init__(self, run: RunDir, cfg: Config):
+    def __init__(self, run: RunDir, cfg: Config, updates_per_step: int = 1,
+                 on_row: Callable[[int, dict], None] | None = None,
+                 samples: Callable[[], list[dict]] | None = None,
+                 filter_rows: Callable[[], list[dict]] | None = None):
         self.run, self.cfg = run, cfg
+        self.filter_rows = filter_rows  # log_filter: the last generation batch's filter.jsonl rows
+        self.samples = samples  # the last generation batch's rows (prompt, completion, reward, advantage)
+        self.updates = updates_per_step  # TRL's optimizer steps per entclip step (engine trl: epochs x minibatches)
+        self.on_row = on_row  # called with (step, row) after each metrics.jsonl row (the console's progress)
         self._t_step: float | None = None
         self._step_s: list[float] = []  # the steps since the last log
         self._t_start = time.perf_counter()
@@ -139,9 +152,11 @@ class RunDirCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         cfg = self.cfg
-        if state.max_steps > 0 and state.max_steps != cfg.steps:
-            cfg = self.cfg = replace(cfg, steps=state.max_steps)
-        self.run.write_config(cfg.to_yaml())
+        planned = state.max_steps // self.updates
+        if state.max_steps > 0 and planned != cfg.steps:
+            cfg = self.cfg = replace(cfg, steps=planned)
+        if not (self.run.path / CONFIG).exists() or (self.run.path / CONFIG).read_text() != cfg.to_yaml():
+            self.run.write_config(cfg.to_yaml())
         write_atomic(self.run.path / TRL_ARGS, json.dumps(args.to_dict(), indent=2, default=str) + "\n")
 
     # ---- rows -------------------------------------------------------------------------------
@@ -161,7 +176,7 @@ class RunDirCallback(TrainerCallback):
             return
         if any(k.startswith("eval_") for k in logs):  # an evaluation's log: on_evaluate writes it
             return
-        row: dict[str, Any] = {"step": state.global_step}
+        row: dict[str, Any] = {"step": state.global_step // self.updates}
         row.update(entclip_row(logs, filtered=self._filtered(), group_zero_std=self._group_zero_std(args)))
         if lr_scheduler is not None:
             row["lr"] = float(lr_scheduler.get_last_lr()[0])
@@ -169,11 +184,19 @@ class RunDirCallback(TrainerCallback):
             row["perf/step_s"] = sum(self._step_s) / len(self._step_s)
             self._step_s.clear()
         self.run.append(METRICS, row)
+        if self.samples is not None:
+            for sample in self.samples()[:self.cfg.samples_per_step]:
+                self.run.append(SAMPLES, {"step": row["step"], **sample})
+        if self.filter_rows is not None:
+            for line in self.filter_rows():
+                self.run.append(FILTER, line)
+        if self.on_row is not None:
+            self.on_row(row["step"], row)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not metrics or not state.is_world_process_zero:
             return
-        row: dict[str, Any] = {"step": state.global_step}
+        row: dict[str, Any] = {"step": state.global_step // self.updates}
         row.update({PREFIX + k.removeprefix("eval_"): v for k, v in metrics.items()})
         self.run.append(EVAL, row)
 
@@ -187,10 +210,11 @@ class RunDirCallback(TrainerCallback):
     def summary(self, state) -> dict[str, Any]:
         """loop._finish's fields from the run directory's own files, with TRL's where entclip has none."""
         self.run.close()
-        planned = state.max_steps if state.max_steps > 0 else self.cfg.steps
+        planned = state.max_steps // self.updates if state.max_steps > 0 else self.cfg.steps
+        steps = state.global_step // self.updates
         return {
-            "status": "completed" if state.global_step >= planned else "stopped",
-            "steps": state.global_step, "steps_planned": planned,
+            "status": "completed" if steps >= planned else "stopped",
+            "steps": steps, "steps_planned": planned,
             "wall_s": self._end_log.get(TRAIN_END, time.perf_counter() - self._t_start),
             "method": self.cfg.entropy_control, "engine": "trl", "model": self._model_name,
             "warm_start": None,

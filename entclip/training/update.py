@@ -57,6 +57,7 @@ class _Step:
     batch: Batch
     stats: Stats
     keep: torch.Tensor                 # (B, T) the rollout-scope keep-mask
+    is_weight: torch.Tensor | None     # (B, T) the rollout correction's weights on the policy term (None: none)
     norm: torch.Tensor                 # (B, T) the normalizer's tokens under it (objective.loss_masks)
     upd_keep: torch.Tensor             # (B, T) micro scope: the current update's selections, row by row
     plan: Plan
@@ -98,7 +99,7 @@ def update(session: Session, learner: Learner, state: TrainState, prepared: Prep
     plan[0][0][0], is the first update's first micro-batch forward.
     """
     p = prepared
-    step = _Step(session, learner, state, p.batch, p.stats, p.keep,
+    step = _Step(session, learner, state, p.batch, p.stats, p.keep, p.is_weight,
                  objective.loss_masks(session.cfg, p.batch.mask, p.keep)[0], p.keep.clone(), p.plan, p.account,
                  timings)
     first = p.first
@@ -215,7 +216,8 @@ def _micro_loss(step: _Step, upd: _Update, j: int, rows: torch.Tensor, first: Fi
         step.upd_keep[rows] = k
     norm, bonus_mask = objective.loss_masks(cfg, m, k)
     terms = objective.token_terms(cfg, logp, old, adv, None if stats.ref_logp is None else stats.ref_logp[rows],
-                                  None if ent is None else ent.detach(), m, k)
+                                  None if ent is None else ent.detach(), m, k,
+                                  None if step.is_weight is None else step.is_weight[rows])
     loss = losses.aggregate(terms.loss, norm, cfg.loss_agg, cfg.agg_constant, upd.denom)
     if upd.coef > 0:
         loss = loss - methods.entropy_bonus_term(ent, bonus_mask, upd.coef, upd.n_micro * n_proc)
