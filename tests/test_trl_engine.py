@@ -197,3 +197,18 @@ def test_two_processes_drop_the_same_tokens_as_one(tmp_path):
     m1, m2 = read("one", "metrics.jsonl")[0], read("two", "metrics.jsonl")[0]
     for key in ("clip/filter_frac", "disc/mean", "disc/std", "entropy/mean", "reward/mean"):
         assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+
+
+def test_trl_fields_merge_over_the_layers_and_bad_ones_are_one_line(tmp_path):
+    from entclip.contracts.errors import EntclipError
+
+    file = tmp_path / "c.yaml"
+    file.write_text("engine: trl\ntrl: {log_completions: true, num_completions_to_print: 2}\n")
+    cfg = resolve(config_file=str(file), sets=["trl.num_completions_to_print=4", "trl.use_vllm=true"])
+    assert cfg.engine == "trl"
+    assert cfg.trl == {"log_completions": True, "num_completions_to_print": 4, "use_vllm": True}
+    assert "trl:" in cfg.to_yaml() and resolve(config_file=str(file)).trl["num_completions_to_print"] == 2
+    for bad in (["trl=5"], ["trl.1x=2"]):
+        with pytest.raises(EntclipError) as err:
+            resolve(sets=bad)
+        assert "\n" not in str(err.value) and "trl" in str(err.value)

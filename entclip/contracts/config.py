@@ -522,16 +522,17 @@ def _coerce_eval_sets(value: Any) -> tuple:
     return tuple(out)
 
 
-def _coerce_trl(value: Any, source: str = "trl") -> dict[str, Any]:
+def _coerce_trl(value: Any, source: str = "") -> dict[str, Any]:
     """TRL GRPOConfig fields by name (checked against TRL's own fields when a TRL run starts)."""
+    where = f" in {source}" if source else ""
     if value is None or value == "":
         return {}
     if not isinstance(value, dict):
-        raise EntclipError(f"trl={value!r} in {source}: expected a mapping of GRPOConfig fields, "
-                           "e.g. trl: {{use_vllm: true}} or --set trl.use_vllm=true")
+        raise EntclipError(f"trl={value!r}{where}: expected a mapping of GRPOConfig fields, "
+                           "e.g. trl: {use_vllm: true} or --set trl.use_vllm=true")
     for name in value:
         if not isinstance(name, str) or not name.isidentifier():
-            raise EntclipError(f"trl.{name} in {source}: not a GRPOConfig field name; e.g. --set trl.use_vllm=true")
+            raise EntclipError(f"trl.{name}{where}: not a GRPOConfig field name; e.g. --set trl.use_vllm=true")
     return dict(value)
 
 

@@ -424,7 +424,9 @@ def train_trl(cfg: Config, run: RunDir, log: Callable[[str], None] = print,
 
     for line in notices(cfg):
         log(line)
-    session = open_session(cfg, run, log, for_training=True)
+    # The session's sampler serves entclip's evaluation only: HF generate, whatever `sampler` says (with
+    # vllm, TRL builds its own colocated engine for the rollouts; a second engine per process would not fit).
+    session = open_session(dataclasses.replace(cfg, sampler="hf"), run, log, for_training=True)
     n_proc = session.accelerator.num_processes
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     args = grpo_config(cfg, n_proc, session.precision, str(run.path / "trl"), use_cpu)
