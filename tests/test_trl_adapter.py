@@ -74,13 +74,26 @@ def train_one_step(tiny, tmp_path, sets, **over):
     return trainer
 
 
+# TRL layouts: one update per generation batch (TRL runs no old-log-prob forward: the adapter runs the
+# statistics pass), and two (num_iterations 2, or two micro-batch steps per generation): TRL's
+# old-log-prob forward is the statistics pass. max_steps 2: one generation batch, two updates.
+ONE_UPDATE = {}
+TWO_ITERATIONS = dict(num_iterations=2, max_steps=2)
+TWO_STEPS = dict(steps_per_generation=2, per_device_train_batch_size=PROMPTS * G // 2, max_steps=2)
+LAYOUTS = pytest.mark.parametrize("layout", [ONE_UPDATE, TWO_ITERATIONS, TWO_STEPS],
+                                  ids=["one-update", "two-iterations", "two-steps"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("sets", [CLIP_B, CLIP_V], ids=["clip_b", "clip_v"])
-def test_keep_mask_is_the_own_engines_decision(tiny, tmp_path, sets):
+def test_keep_mask_is_the_own_engines_decision(tiny, tmp_path, sets, layout):
     """Same completions: the own engine's statistics pass (passes.statistics on the policy before the
-    update, in other micro-batches) and objective.batch_filter drop exactly the adapter's tokens."""
+    update, in other micro-batches) and objective.batch_filter drop exactly the adapter's tokens,
+    whether the adapter ran its own statistics pass or shared TRL's old-log-prob forward."""
     from transformers import AutoModelForCausalLM
 
-    trainer = train_one_step(tiny, tmp_path, sets)
+    trainer = train_one_step(tiny, tmp_path, sets, **layout)
+    assert trainer.state.log_history[0]["perf/stats_shared"] == float(layout is not ONE_UPDATE)
     fb, cfg = trainer.last_filtered, trainer.entclip_config
     B, T = fb.completion_ids.shape
     P = fb.input_ids.shape[1] - T
@@ -106,13 +119,17 @@ def test_keep_mask_is_the_own_engines_decision(tiny, tmp_path, sets):
         assert logged[name] == pytest.approx(figures[name], abs=1e-6), name
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "dr_grpo", "grpo"])  # dapo: TRL 1.16's default
-def test_trl_loss_is_the_kept_tokens_loss(tiny, tmp_path, loss_type):
-    """One update per batch: the ratio is 1, so each token's loss is -A; TRL's logged loss is their
-    aggregate over the kept tokens only (dapo: num_items_in_batch recounted), not over all tokens, and
-    TRL's logged entropy is the kept tokens' mean. (grpo averages each sequence's tokens first, so at
-    ratio 1 a partly dropped sequence keeps its loss -A: its teeth are the entropy.)"""
-    trainer = train_one_step(tiny, tmp_path, CLIP_B, loss_type=loss_type)
+@pytest.mark.parametrize("loss_type,layout", [("dapo", ONE_UPDATE), ("bnpo", ONE_UPDATE), ("dr_grpo", ONE_UPDATE),
+                                              ("grpo", ONE_UPDATE), ("dapo", TWO_ITERATIONS)],
+                         ids=["dapo", "bnpo", "dr_grpo", "grpo", "dapo-two-iterations"])  # dapo: TRL 1.16's default
+def test_trl_loss_is_the_kept_tokens_loss(tiny, tmp_path, loss_type, layout):
+    """The first update of a batch: the ratio is 1, so each token's loss is -A; TRL's logged loss is
+    their aggregate over the kept tokens only (dapo: num_items_in_batch recounted), not over all
+    tokens, and TRL's logged entropy is the kept tokens' mean. (grpo averages each sequence's tokens
+    first, so at ratio 1 a partly dropped sequence keeps its loss -A: its teeth are the entropy.) With
+    two iterations TRL's old log-probs are the statistics pass's log p: the ratio is 1 only if they
+    are the log-probs of TRL's own training forward."""
+    trainer = train_one_step(tiny, tmp_path, CLIP_B, loss_type=loss_type, **layout)
     assert trainer.loss_type == loss_type
     fb = trainer.last_filtered
     A = fb.advantages.float()[:, None]
@@ -199,3 +216,39 @@ def test_templated_prompts_are_tokenized_as_the_own_engine_feeds_them(tiny, tmp_
                                      config=resolve(sets=tiny_sets()), add_special_tokens=add)
         ids, images, extra = trainer._tokenize_prompts(prompts)
         assert [list(x) for x in ids] == expected and images is None and not extra
+
+
+def no_cache_forwards(model) -> list:
+    """Counts the backbone's full-sequence forwards (use_cache False: TRL's log-prob forwards and the
+    adapter's statistics pass; generation's decoding steps use the cache)."""
+    calls: list = []
+    model.model.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(1) if kw.get("use_cache") is False else None, with_kwargs=True)
+    return calls
+
+
+@LAYOUTS
+def test_the_filter_adds_a_forward_only_where_trl_runs_none(tiny, tmp_path, layout):
+    """Backbone forwards of the same TRL training, plain GRPOTrainer against EntclipGRPOTrainer with
+    Clip_B: equal where TRL runs its old-log-prob forward (the statistics share it), one per micro-batch
+    of each generation batch more where it does not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+    from trl import GRPOTrainer
+
+    from entclip.training.trl_adapter import EntclipGRPOTrainer
+
+    over = {"max_steps": 2, **layout}
+    counts = {}
+    for cls in (GRPOTrainer, EntclipGRPOTrainer):
+        model = AutoModelForCausalLM.from_pretrained(tiny.path)
+        counts[cls] = no_cache_forwards(model)
+        extra = {"config": resolve(sets=tiny_sets() + CLIP_B)} if cls is EntclipGRPOTrainer else {}
+        trainer = cls(model=model, reward_funcs=tiny.reward, args=grpo_args(tmp_path, **over), train_dataset=tiny.ds,
+                      processing_class=AutoTokenizer.from_pretrained(tiny.path), **extra)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    plain, entclip = len(counts[GRPOTrainer]), len(counts[EntclipGRPOTrainer])
+    generations = 2 if layout is ONE_UPDATE else 1
+    micro = PROMPTS * G // trainer.args.per_device_train_batch_size
+    assert plain >= 2, "no training forward counted: the count has no teeth"
+    assert entclip == plain + (generations * micro if layout is ONE_UPDATE else 0)

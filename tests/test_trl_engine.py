@@ -9,6 +9,7 @@ tokens of the same completions as in one process (slow). Skipped without trl.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -86,7 +87,8 @@ def test_the_config_reaches_grpo_config(tmp_path):
     (["trl.use_vlm=true"], "trl.use_vllm"),
     (["trl.top_k=5"], "trl.top_k"),
     (["trl.loss_type=vespo", "entropy_control=clip_b"], "loss_type=vespo"),
-], ids=["dual_clip", "max_nonfinite", "agg_constant", "kl_cov", "micro", "lr", "typo", "top_k", "vespo"])
+    (["trl.auto_find_batch_size=true"], "; change trl.auto_find_batch_size ("),  # GRPOConfig's own refusal
+], ids=["dual_clip", "max_nonfinite", "agg_constant", "kl_cov", "micro", "lr", "typo", "top_k", "vespo", "grpo_config"])
 def test_what_trl_cannot_honour_is_refused_by_name_and_writes_nothing(tmp_path, sets, named):
     """A one-line error naming the key (or the close field), exit 2, no traceback, no run directory."""
     res = runner.invoke(app, ["train", "--engine", "trl", "--out-dir", str(tmp_path), "--name", "r",
@@ -212,3 +214,15 @@ def test_trl_fields_merge_over_the_layers_and_bad_ones_are_one_line(tmp_path):
         with pytest.raises(EntclipError) as err:
             resolve(sets=bad)
         assert "\n" not in str(err.value) and "trl" in str(err.value)
+
+
+def test_a_grpo_config_refusal_names_the_entclip_key_that_sets_the_field():
+    """TRL's message names GRPOConfig fields; where no trl.NAME was given, the fix named is the entclip
+    key that sets the field on engine trl (num_generations: group_size), not a field the user never set."""
+    from trl import GRPOConfig
+
+    known = {f.name for f in dataclasses.fields(GRPOConfig)}
+    msg = trl_engine.refused_by_trl(ValueError("generation_batch_size (6) must be divisible by num_generations "
+                                               "(4)."), resolve(sets=tiny_sets()), known)
+    assert msg.startswith("TRL refused the configuration: generation_batch_size (6) must be divisible by")
+    assert "group_size" in msg.split("; change ", 1)[1] and "\n" not in msg

@@ -1,10 +1,14 @@
 """entclip's rollout-scope token filters inside TRL's GRPOTrainer (the `entclip[trl]` extra, trl 1.16).
 
-`EntclipGRPOTrainer` is TRL's `GRPOTrainer` with one method overridden,
-`_generate_and_score_completions`: TRL generates and scores the generation batch as usual; then,
-once per generation batch and before any update on it, one no-grad forward of the policy per
+`EntclipGRPOTrainer` is TRL's `GRPOTrainer` with `_generate_and_score_completions` overridden (and
+`_get_per_token_logps_and_entropies`, for the shared forward below): TRL generates and scores the
+generation batch as usual; then, once per generation batch and before any update on it, one no-grad forward of the policy per
 micro-batch (`rollout.completion_logits`, (b, T, V) in the model's dtype) gives entclip's token
-statistics (`theory.token_stats`, chunked: no float32 copy of the logits), and
+statistics (`theory.token_stats`, chunked: no float32 copy of the logits). Where TRL runs a no-grad
+forward of the policy of its own there (its old log-probs: more than one update per generation
+batch, or vLLM's importance-sampling correction), that forward is entclip's statistics pass: the
+adapter's `_get_per_token_logps_and_entropies` computes the statistics in it and hands TRL their
+log p as the old log-probs, so the filter adds no forward (`perf/stats_shared` 1). Then
 `objective.batch_filter` - the very function entclip's own engine calls, gathering over all
 processes - decides the keep-mask. The mask reaches TRL's loss as follows (TRL 1.16's
 `_compute_loss` reads `mask = completion_mask * tool_mask`; `completion_mask` also builds the
@@ -27,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import time
 import warnings
 
 import torch
@@ -130,6 +135,8 @@ class EntclipGRPOTrainer(GRPOTrainer):
     argument but `config` is TRL's. Unsupported settings raise EntclipError before TRL loads anything.
     """
 
+    _shared_pass: list | None = None  # armed by _generate_and_score_completions while TRL's forward may serve
+
     def __init__(self, *args: Any, config: Config, add_special_tokens: bool = True, **kwargs: Any):
         trl_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         check_supported(config, trl_args)
@@ -152,14 +159,15 @@ class EntclipGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _token_stats(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     completion_ids: torch.Tensor) -> Stats:
+                     completion_ids: torch.Tensor, size: int | None = None) -> Stats:
         """log p, H, S* and E_p[S] of every completion token under the current policy, one forward per
-        micro-batch of per_device_train_batch_size rows (the logits of one micro-batch at a time)."""
+        micro-batch of `size` rows (default per_device_train_batch_size; the logits of one micro-batch
+        at a time)."""
         from trl.models.utils import disable_gradient_checkpointing
 
         B, T = completion_ids.shape
         out = {k: torch.empty(B, T, device=completion_ids.device) for k in ("logp", "entropy", "disc", "baseline")}
-        size = self.args.per_device_train_batch_size
+        size = size or self.args.per_device_train_batch_size
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for s in range(0, B, size):
                 rows = slice(s, s + size)
@@ -171,8 +179,37 @@ class EntclipGRPOTrainer(GRPOTrainer):
                     out[k][rows] = getattr(st, k)
         return Stats(out["logp"], out["entropy"], out["disc"], out["baseline"], None)
 
+    def computes_old_logps(self) -> bool:
+        """Whether TRL 1.16 runs a no-grad forward of the policy for its old log-probs on each generation
+        batch (its own condition in `_generate_and_score_completions`)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return (self.args.gradient_accumulation_steps % generate_every != 0
+                or bool(self.use_vllm and self.vllm_importance_sampling_correction))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **extra):
+        """TRL's log-prob forward; its old-log-prob forward of a generation batch (the first no-grad call
+        on the policy while `_generate_and_score_completions` waits for it, text only) is entclip's
+        statistics pass instead: the same micro-batches, one forward, TRL gets their log p."""
+        if (self._shared_pass is not None and model is self.model and not torch.is_grad_enabled()
+                and not compute_aux_loss and all(v is None for v in extra.values())):
+            t0 = time.perf_counter()
+            stats = self._token_stats(input_ids, attention_mask, input_ids[:, -logits_to_keep:], batch_size)
+            self._shared_pass.append((stats, time.perf_counter() - t0))
+            self._shared_pass = None  # one pass: TRL's later calls (the reference model's) are its own
+            return stats.old_logp, (stats.entropy if compute_entropy else None), None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+        shared: list = []
+        self._shared_pass = shared if self.model.training and self.computes_old_logps() else None
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self._shared_pass = None
         if not self.model.training:  # evaluation: TRL's own loss, unfiltered
             return out
         cfg = self.entclip_config
@@ -181,7 +218,12 @@ class EntclipGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([out["prompt_mask"], completion_mask], dim=1)
         tool_mask = out.get("tool_mask")
         mask = completion_mask if tool_mask is None else completion_mask * tool_mask
-        stats = self._token_stats(input_ids, attention_mask, completion_ids)
+        if shared:  # TRL's old-log-prob forward was the statistics pass
+            (stats, stats_s), = shared
+        else:
+            t0 = time.perf_counter()
+            stats = self._token_stats(input_ids, attention_mask, completion_ids)
+            stats_s = time.perf_counter() - t0
         adv = out["advantages"]
         adv_tok = (adv[:, None] if adv.dim() == 1 else adv).expand_as(mask).float()
         step = self.state.global_step
@@ -206,7 +248,8 @@ class EntclipGRPOTrainer(GRPOTrainer):
         deviation = g(stats.disc - stats.baseline)
         quads = quadrants(deviation, g(adv_tok), g(mask), torch.zeros_like(deviation))
         batch.update({f"quad/{name}_share": share for name, (share, _) in quads.items()})
-        for name, value in {**batch, **figures}.items():
+        perf = {"perf/stats_pass_s": stats_s, "perf/stats_shared": float(bool(shared))}
+        for name, value in {**batch, **figures, **perf}.items():
             self._metrics["train"][name].append(float(value))
         self.last_filtered = FilteredBatch(step, input_ids, attention_mask, completion_ids, mask, adv, stats,
                                            keep, figures)

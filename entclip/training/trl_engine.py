@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -294,7 +295,19 @@ def grpo_config(cfg: Config, n_proc: int, precision: str, output_dir: str, use_c
     try:
         return GRPOConfig(**fields)
     except (ValueError, TypeError) as exc:
-        raise EntclipError(f"TRL refused the configuration: {first_line(exc)}") from None
+        raise EntclipError(refused_by_trl(exc, cfg, known)) from None
+
+
+def refused_by_trl(exc: BaseException, cfg: Config, known: set[str]) -> str:
+    """TRL's GRPOConfig error as one line that names what to change: the `trl.NAME` options given that
+    TRL's message names, else the entclip keys that set the GRPOConfig fields it names."""
+    text = str(exc)
+    named = sorted((n for n in known if re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text)), key=text.index)
+    given = [f"trl.{n}" for n in named if n in cfg.trl]
+    fixes = given or list(dict.fromkeys(SET_BY.get(n, f"trl.{n}") for n in named))
+    fix = " / ".join(fixes) or "the trl.NAME options given"
+    return (f"TRL refused the configuration: {first_line(exc).rstrip('.')}; change {fix} "
+            "(docs/trl.md maps each entclip key to its GRPOConfig field)")
 
 
 def need_trl() -> None:

@@ -37,7 +37,7 @@ TRL 1.16 (grpo_trainer.py, transformers' Trainer) key -> entclip key, where the 
 | clip_ratio/low_mean     | clip/ratio_low_frac  | share of valid tokens with A < 0 and r < 1 - eps_low (4) |
 | clip_ratio/high_mean    | clip/ratio_high_frac | share of valid tokens with A > 0 and r > 1 + eps_high (4) |
 | (callback's own clock)  | perf/step_s          | the optimizer step's wall time, generation included (5) |
-| the adapter's figures   | the same names       | entropy/mean, disc/*, clip/filter_frac*, clip/mu (6)   |
+| the adapter's figures   | the same names       | entropy/mean, disc/*, quad/*_share, clip/filter_frac*, clip/mu, perf/stats_pass_s, perf/stats_shared (6) |
 
 (1) Only with scale_rewards group or none and multi_objective_aggregation sum_then_normalize (TRL's
     is_std_zero is then per group); else trl/frac_reward_zero_std.
@@ -107,7 +107,7 @@ def entclip_row(logs: dict[str, Any], *, filtered: bool, group_zero_std: bool) -
             out[LOSS_MASK[key]] = value
         elif key == "frac_reward_zero_std" and group_zero_std:
             out["reward/zero_var_frac"] = value
-        elif "/" in key and key.split("/", 1)[0] in ("disc", "clip", "entropy", "quad", "reward"):
+        elif "/" in key and key.split("/", 1)[0] in ("disc", "clip", "entropy", "quad", "reward", "perf"):
             out[key] = value  # entclip's own names (the adapter's), TRL has none of these prefixes
         else:
             trl[PREFIX + key] = value
